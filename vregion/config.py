@@ -1,0 +1,148 @@
+"""Typed configuration, one section per pipeline stage (params.yaml has the same sections).
+
+Every field has a docstring; `vregion params --help-fields` prints them. Unknown keys and wrong
+types are refused with the section and field named, so a typo never silently becomes a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+
+class EmbeddedModelConfig(Section):
+    """The embedded default LVLM: SmolLM2-135M-Instruct + a small SigLIP tower built from config."""
+
+    image_size: int = Field(64, ge=16)
+    """Square image side in pixels, for the generator and the vision tower."""
+    patch_size: int = Field(16, ge=4)
+    """Vision patch side in pixels; the LLM sees (image_size / patch_size)^2 image tokens."""
+    vision_hidden_size: int = Field(192, ge=16)
+    """Width of the SigLIP tower."""
+    vision_layers: int = Field(4, ge=1)
+    """Depth of the SigLIP tower."""
+    vision_heads: int = Field(4, ge=1)
+    """Attention heads of the SigLIP tower."""
+    tower_pretrain_steps: int = Field(300, ge=0)
+    """Supervised per-patch colour/shape/size steps that stand in for CLIP/SigLIP pretraining."""
+    tower_pretrain_lr: float = Field(1e-3, gt=0)
+    """Learning rate of the tower pretraining."""
+    tower_pretrain_batch_size: int = Field(64, ge=1)
+    """Images per tower pretraining step."""
+
+    @model_validator(mode="after")
+    def _divisible(self) -> EmbeddedModelConfig:
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}"
+            )
+        if self.vision_hidden_size % self.vision_heads:
+            raise ValueError(
+                f"vision_hidden_size {self.vision_hidden_size} must be a multiple of "
+                f"vision_heads {self.vision_heads}"
+            )
+        return self
+
+
+class ModelConfig(Section):
+    """Which LVLM the pipeline starts from."""
+
+    base: str = "embedded"
+    """`embedded` for the built-in default, a Hugging Face id, or a local checkpoint directory."""
+    system_prompt: str = "Answer briefly."
+    """System message put in every chat; short on purpose (SmolLM2's default adds ~20 tokens)."""
+    seed: int = 0
+    """Seed for model construction and tower pretraining."""
+    embedded: EmbeddedModelConfig = EmbeddedModelConfig()
+    """Settings used only when `base: embedded`."""
+
+
+class LlavaDataConfig(Section):
+    """A real LLaVA-format data set (JSON/JSONL records with `image` and `conversations`)."""
+
+    train: str | None = None
+    """Path of the training records (JSON list or JSONL); null to use only synthetic data."""
+    eval: str | None = None
+    """Path of held-out records scored by `evaluate`; null for none."""
+    image_root: str | None = None
+    """Directory that the records' `image` paths are relative to."""
+
+
+class DataConfig(Section):
+    """The synthetic visual QA set, the text-skill set, and optional LLaVA-format data."""
+
+    seed: int = 0
+    """Seed of the generator; the same seed gives byte-identical data."""
+    train_images: int = Field(3000, ge=1)
+    """Synthetic training images (each yields one caption and several questions)."""
+    eval_images: int = Field(300, ge=1)
+    """Synthetic held-out images; no image is shared with the training split."""
+    questions_per_image: int = Field(3, ge=1)
+    """Questions drawn per image, of different kinds where possible."""
+    max_objects: int = Field(3, ge=1, le=6)
+    """Most objects drawn in one image."""
+    max_tokens: int = Field(256, ge=16)
+    """Samples longer than this (text + image tokens) are quarantined, not truncated."""
+    text_items: int = Field(200, ge=0)
+    """Items in the text-skill set (multiple-choice and held-out instruction answers)."""
+    llava: LlavaDataConfig = LlavaDataConfig()
+    """Optional real data in LLaVA format."""
+
+
+class AlignConfig(Section):
+    """Stage 1: train the projector (LLM frozen; tower frozen unless `vision_lr` > 0)."""
+
+    steps: int = Field(150, ge=1)
+    """Optimizer steps."""
+    batch_size: int = Field(16, ge=1)
+    """Captions per step."""
+    lr: float = Field(1e-3, gt=0)
+    """Projector learning rate (LLaVA stage 1 uses 1e-3)."""
+    vision_lr: float = Field(0.0, ge=0)
+    """Tower learning rate; 0 keeps the tower frozen."""
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    """Share of steps with linear warm-up before the cosine decay."""
+    eval_samples: int = Field(128, ge=1)
+    """Held-out captions for the before/after and shuffled-image losses."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """`auto`: bf16 autocast where the hardware runs it fast (CUDA, or CPU with AMX/AVX512-BF16), else fp32."""
+
+
+class Params(Section):
+    """All of params.yaml."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    align: AlignConfig = AlignConfig()
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read params.yaml; a missing file or a wrong value raises ConfigError saying what to fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such params file (run from the project root or pass --params)")
+    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_explain(path, err)) from None
+
+
+class ConfigError(ValueError):
+    """A params file or value that the pipeline cannot run with."""
+
+
+def _explain(path: Path, err: ValidationError) -> str:
+    lines = [f"{path}: {err.error_count()} invalid value(s):"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"])
+        got = e.get("input")
+        lines.append(f"  {where}: {e['msg']} (got {got!r})")
+    return "\n".join(lines)
