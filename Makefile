@@ -10,6 +10,10 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
+# dvc runs each stage's `python -m stages.X` through PATH: make it the project's interpreter.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export VIRTUAL_ENV := $(CURDIR)/$(VENV)
+
 # Offline and quiet defaults for HF, Prefect, Ray and DVC (stages set the same when run by hand).
 export HF_HUB_OFFLINE := 1
 export DVC_NO_ANALYTICS := 1

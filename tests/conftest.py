@@ -14,3 +14,29 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.pop("PREFECT_API_URL", None)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_processor():
+    """The embedded model's real processor (SmolLM2 tokenizer + image token + SigLIP pixels)."""
+    from vregion.config import EmbeddedModelConfig
+    from vregion.models.embedded import build_processor, load_smollm2_tokenizer
+
+    return build_processor(load_smollm2_tokenizer(), EmbeddedModelConfig())
+
+
+@pytest.fixture(scope="session")
+def tiny_embedded_dir(tmp_path_factory):
+    """An `embedded-tiny` checkpoint: the embedded model's code path with a random 4-layer LLM."""
+    from vregion.config import EmbeddedModelConfig, ModelConfig
+    from vregion.models.base import build_embedded
+
+    out = tmp_path_factory.mktemp("embedded-tiny")
+    cfg = ModelConfig(
+        base="embedded-tiny",
+        embedded=EmbeddedModelConfig(tower_pretrain_steps=20, tower_pretrain_batch_size=16),
+    )
+    metrics = build_embedded(cfg, out, max_objects=3)
+    return out, metrics

@@ -30,9 +30,9 @@ class EmbeddedModelConfig(Section):
     """Depth of the SigLIP tower."""
     vision_heads: int = Field(4, ge=1)
     """Attention heads of the SigLIP tower."""
-    tower_pretrain_steps: int = Field(300, ge=0)
+    tower_pretrain_steps: int = Field(600, ge=0)
     """Supervised per-patch colour/shape/size steps that stand in for CLIP/SigLIP pretraining."""
-    tower_pretrain_lr: float = Field(1e-3, gt=0)
+    tower_pretrain_lr: float = Field(2e-3, gt=0)
     """Learning rate of the tower pretraining."""
     tower_pretrain_batch_size: int = Field(64, ge=1)
     """Images per tower pretraining step."""
@@ -55,7 +55,8 @@ class ModelConfig(Section):
     """Which LVLM the pipeline starts from."""
 
     base: str = "embedded"
-    """`embedded` for the built-in default, a Hugging Face id, or a local checkpoint directory."""
+    """`embedded` (SmolLM2-135M + SigLIP, the default), `embedded-tiny` (a random 4-layer LLM with the
+    same tokenizer: a seconds-long smoke run), a Hugging Face id, or a local checkpoint directory."""
     system_prompt: str = "Answer briefly."
     """System message put in every chat; short on purpose (SmolLM2's default adds ~20 tokens)."""
     seed: int = 0
@@ -99,7 +100,7 @@ class DataConfig(Section):
 class AlignConfig(Section):
     """Stage 1: train the projector (LLM frozen; tower frozen unless `vision_lr` > 0)."""
 
-    steps: int = Field(150, ge=1)
+    steps: int = Field(100, ge=1)
     """Optimizer steps."""
     batch_size: int = Field(16, ge=1)
     """Captions per step."""
@@ -119,15 +120,20 @@ class Params(Section):
     """All of params.yaml."""
 
     model: ModelConfig = ModelConfig()
+    """The starting LVLM (read by base, prepare, align and later stages)."""
     data: DataConfig = DataConfig()
+    """Synthetic, text-skill and LLaVA-format data (read by prepare)."""
     align: AlignConfig = AlignConfig()
+    """Stage-1 alignment (read by align)."""
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read params.yaml; a missing file or a wrong value raises ConfigError saying what to fix."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: no such params file (run from the project root or pass --params)")
+        raise ConfigError(
+            f"{path}: no such params file (run from the project root or pass --params)"
+        )
     raw = yaml.safe_load(path.read_text()) or {}
     try:
         return Params.model_validate(raw)

@@ -1,0 +1,63 @@
+"""What every stage shares: offline/quiet settings, logging, params, output writers, the CLI shell."""
+
+from __future__ import annotations
+
+import os
+
+# Before Prefect, Ray, DVC or transformers are imported: offline and quiet by default, and
+# Prefect's state inside the project (a user's PREFECT_API_URL / PREFECT_HOME still win).
+for _key, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "DVC_NO_ANALYTICS": "1",
+    "PREFECT_HOME": os.path.abspath(".prefect"),
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "vregion",  # library logs show up in the flow run's logs
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from vregion.config import ConfigError  # noqa: E402
+
+log = logging.getLogger("vregion.stages")
+
+
+def write_json(path: str | Path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_csv(path: str | Path, rows: list[dict]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def run_stage(flow: Callable[..., object], description: str, argv: list[str] | None = None) -> int:
+    """`python -m stages.X [--params params.yaml]`: run the flow; bad config exits 2 with the fix."""
+    parser = argparse.ArgumentParser(prog=f"python -m {flow.__module__}", description=description)
+    parser.add_argument(
+        "--params", default="params.yaml", help="params file (default: params.yaml)"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        flow(params=args.params)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,124 @@
+"""prepare: the data every later stage reads, under data/.
+
+- synthetic visual QA (train/eval splits sharing no image): captions for `align`, short-answer
+  questions for `finetune` and `evaluate`, scene descriptions;
+- the text-skill set (how much of the LLM's text ability survives tuning);
+- optional LLaVA-format records (`data.llava`), validated;
+- data/quarantine.json: every record skipped (file, record id, field, reason), counted in
+  metrics/prepare.json. Samples longer than `data.max_tokens` with the base model's processor
+  are skipped too, never truncated.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections import Counter
+from pathlib import Path
+
+from PIL import Image
+from prefect import flow
+from tqdm.auto import tqdm
+
+from stages._common import run_stage, write_json
+from vregion.config import ConfigError, load_params
+from vregion.data import llava_format, synthetic, text_skill
+from vregion.data.encode import count_tokens, load_image
+from vregion.data.records import Quarantine, read_jsonl, write_jsonl
+from vregion.models.loading import load_processor
+
+BASE = "models/base"
+OUT = Path("data")
+METRICS = "metrics/prepare.json"
+
+
+def drop_overlong(
+    path: Path,
+    processor,
+    image_size: int,
+    max_tokens: int,
+    system_prompt: str,
+    quarantine: Quarantine,
+) -> int:
+    """Rewrite a synthetic JSONL without samples over `max_tokens`; returns how many remain."""
+    # Synthetic images all have one size, so one blank image stands in for the token count.
+    blank = Image.new("RGB", (image_size, image_size))
+    kept = []
+    for s in tqdm(list(read_jsonl(path)), desc=f"length check {path.parent.name}/{path.name}"):
+        n = count_tokens(processor, s, blank if s.image else None, system_prompt)
+        if n > max_tokens:
+            quarantine.add(
+                path, s.id, f"{n} tokens > data.max_tokens={max_tokens}", "conversations"
+            )
+        else:
+            kept.append(s)
+    return write_jsonl(path, kept)
+
+
+@flow(name="prepare", log_prints=True)
+def prepare(params: str = "params.yaml") -> dict:
+    p = load_params(params)
+    d, emb = p.data, p.model.embedded
+    if not Path(BASE).is_dir():
+        raise FileNotFoundError(f"{BASE} is missing: run `dvc repro base` first")
+    processor = load_processor(BASE)
+    shutil.rmtree(OUT, ignore_errors=True)
+    quarantine = Quarantine()
+    metrics: dict = {"synthetic": {}}
+    for split, n_images in (("train", d.train_images), ("eval", d.eval_images)):
+        kinds = synthetic.build_split(
+            OUT,
+            split,
+            n_images,
+            seed=d.seed,
+            image_size=emb.image_size,
+            max_objects=d.max_objects,
+            questions_per_image=d.questions_per_image,
+        )
+        for name in ("captions", "vqa"):
+            kept = drop_overlong(
+                OUT / split / f"{name}.jsonl",
+                processor,
+                emb.image_size,
+                d.max_tokens,
+                p.model.system_prompt,
+                quarantine,
+            )
+            metrics["synthetic"][f"{split}_{name}"] = kept
+        metrics["synthetic"][f"{split}_kinds"] = kinds
+    items = text_skill.build_text_set(d.text_items, seed=d.seed)
+    text_skill.write_text_set(OUT / "text" / "text_skill.jsonl", items)
+    metrics["text_items"] = dict(Counter(i["type"] for i in items))
+    metrics["llava"] = ingest_llava(p, processor, quarantine)
+    quarantine.write(OUT / "quarantine.json")
+    metrics["quarantined"] = len(quarantine.entries)
+    metrics["quarantined_by_file"] = quarantine.counts()
+    write_json(METRICS, metrics)
+    return metrics
+
+
+def ingest_llava(p, processor, quarantine: Quarantine) -> dict:
+    """Validate the optional LLaVA-format files into data/llava/{train,eval}.jsonl."""
+    cfg = p.data.llava
+    if not (cfg.train or cfg.eval):
+        return {}
+    if not cfg.image_root:
+        raise ConfigError("data.llava.image_root is required when data.llava.train or .eval is set")
+    root = Path(cfg.image_root)
+
+    def length(sample) -> int:
+        return count_tokens(processor, sample, load_image(root, sample), p.model.system_prompt)
+
+    counts = {}
+    for split, path in (("train", cfg.train), ("eval", cfg.eval)):
+        if path:
+            records = llava_format.load_llava_records(
+                path, root, quarantine, length_fn=length, max_tokens=p.data.max_tokens
+            )
+            counts[split] = write_jsonl(OUT / "llava" / f"{split}.jsonl", records)
+    write_json(OUT / "llava" / "source.json", {"image_root": str(root.resolve()), **counts})
+    return counts
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage(prepare, __doc__))

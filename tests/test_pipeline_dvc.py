@@ -1,0 +1,151 @@
+"""The real pipeline under real DVC and Prefect, in a temporary git repo, on the embedded-tiny model.
+
+Checks the contract users rely on: `dvc repro` builds base → prepare → align; a second
+`dvc repro` does nothing; changing an `align` param reruns only `align`; every stage ran as a
+Completed Prefect flow run; the checkpoints load with plain transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_PARAMS = {
+    "model": {
+        "base": "embedded-tiny",
+        "embedded": {"tower_pretrain_steps": 10, "tower_pretrain_batch_size": 8},
+    },
+    "data": {"train_images": 40, "eval_images": 10, "text_items": 20, "questions_per_image": 2},
+    "align": {"steps": 3, "batch_size": 4, "eval_samples": 8},
+}
+
+
+def _merge(base: dict, patch: dict) -> dict:
+    out = dict(base)
+    for k, v in patch.items():
+        out[k] = _merge(base.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+def _run(cmd: list[str], cwd: Path, env: dict, timeout: int = 600) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-6000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipeline_repo(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("pipeline")
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / name, repo / name)
+    for name in ("stages", "vregion"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    (repo / "params.yaml").write_text(yaml.safe_dump(_merge(params, TINY_PARAMS), sort_keys=False))
+    env = dict(os.environ)
+    env["PATH"] = (
+        f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # dvc runs `python -m ...`
+    )
+    env["PREFECT_HOME"] = str(repo / ".prefect")
+    dvc = [sys.executable, "-m", "dvc"]
+    _run(["git", "init", "-q"], repo, env)
+    _run(["git", "config", "user.email", "t@example.com"], repo, env)
+    _run(["git", "config", "user.name", "t"], repo, env)
+    _run([*dvc, "init", "-q"], repo, env)
+    _run([*dvc, "config", "core.site_cache_dir", str(repo / ".dvc" / "site_cache")], repo, env)
+    first = _run([*dvc, "repro"], repo, env, timeout=900)
+    return repo, env, dvc, first
+
+
+def test_repro_builds_every_stage(pipeline_repo):
+    repo, _, _, first = pipeline_repo
+    for stage in ("base", "prepare", "align"):
+        assert f"Running stage '{stage}'" in first
+    align = json.loads((repo / "metrics" / "align.json").read_text())
+    for key in (
+        "before_caption_loss",
+        "after_caption_loss",
+        "after_shuffled_image_loss",
+        "image_use_gap",
+    ):
+        assert isinstance(align[key], float)
+    assert align["trainable_params"] < align["total_params"]
+    curve = (repo / "metrics" / "align_loss.csv").read_text().splitlines()
+    assert curve[0] == "step,loss,lr" and len(curve) == 1 + TINY_PARAMS["align"]["steps"]
+    prepare = json.loads((repo / "metrics" / "prepare.json").read_text())
+    assert prepare["synthetic"]["train_captions"] == TINY_PARAMS["data"]["train_images"]
+    assert (repo / "data" / "quarantine.json").is_file()
+
+
+def test_second_repro_does_nothing_and_a_param_reruns_only_its_stage(pipeline_repo):
+    repo, env, dvc, _ = pipeline_repo
+    again = _run([*dvc, "repro"], repo, env)
+    assert "Running stage" not in again
+    assert "up to date" in again
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["align"]["steps"] = 4
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = _run([*dvc, "repro"], repo, env, timeout=900)
+    assert "Running stage 'align'" in changed
+    assert "Running stage 'base'" not in changed
+    assert "Running stage 'prepare'" not in changed
+    curve = (repo / "metrics" / "align_loss.csv").read_text().splitlines()
+    assert len(curve) == 1 + 4
+
+
+def test_each_stage_is_a_completed_prefect_flow_run(pipeline_repo):
+    repo, env, _, _ = pipeline_repo
+    script = (
+        "import asyncio\n"
+        "from prefect.client.orchestration import get_client\n"
+        "from prefect.client.schemas.sorting import FlowRunSort\n"
+        "async def main():\n"
+        "    async with get_client() as c:\n"
+        "        runs = await c.read_flow_runs(limit=100, sort=FlowRunSort.START_TIME_DESC)\n"
+        "        flows = {f.id: f.name for f in await c.read_flows()}\n"
+        "        for r in runs: print(flows[r.flow_id], r.state_type.value)\n"
+        "asyncio.run(main())\n"
+    )
+    out = _run([sys.executable, "-c", script], repo, env)
+    seen = {tuple(line.split()) for line in out.splitlines() if line.strip()}
+    for stage in ("base", "prepare", "align"):
+        assert (stage, "COMPLETED") in seen, out
+
+
+def test_checkpoints_load_with_plain_transformers(pipeline_repo):
+    repo, env, _, _ = pipeline_repo
+    script = (
+        "import sys, torch\n"
+        "from PIL import Image\n"
+        "from transformers import AutoModelForImageTextToText, AutoProcessor\n"
+        "d = sys.argv[1]\n"
+        "m = AutoModelForImageTextToText.from_pretrained(d); p = AutoProcessor.from_pretrained(d)\n"
+        "msgs = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': 'Color?'}]}]\n"
+        "text = p.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)\n"
+        "x = p(images=[Image.new('RGB', (64, 64), 'red')], text=[text], return_tensors='pt')\n"
+        "out = m.generate(**x, max_new_tokens=3, do_sample=False)\n"
+        "print(type(m).__name__, out.shape[1] > x['input_ids'].shape[1])\n"
+    )
+    for ckpt in ("models/base", "models/aligned"):
+        out = _run([sys.executable, "-c", script, str(repo / ckpt)], repo, env)
+        assert "LlavaForConditionalGeneration True" in out
+
+
+def test_aligned_projector_changed_and_llm_did_not(pipeline_repo):
+    from safetensors.torch import load_file
+
+    repo, _, _, _ = pipeline_repo
+    base = load_file(repo / "models/base/model.safetensors")
+    aligned = load_file(repo / "models/aligned/model.safetensors")
+    assert base.keys() == aligned.keys()
+    changed = {k for k in base if not bool((base[k] == aligned[k]).all())}
+    assert changed and all("multi_modal_projector" in k for k in changed), sorted(changed)[:5]

@@ -1,0 +1,128 @@
+"""The `vregion` command line.
+
+Each subcommand is an `add_<name>(subparsers)` function that declares its arguments and sets
+`run` to a function of the parsed arguments returning an exit code; append it to `SUBCOMMANDS`.
+Heavy imports (torch, transformers) happen inside the `run` functions so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+DESCRIPTION = """\
+vregion: activate the visual region of an LLM. Visual instruction tuning trains only a sparse,
+uniformly spread ~25% of the LLM's layers (plus the projector); layers outside that region are
+then pruned, for the same visual quality at less training time and a smaller model."""
+
+TINY_PREFIX = "tiny:"
+MODEL_HELP = (
+    "a local checkpoint directory, a Hugging Face id (must be cached when HF_HUB_OFFLINE=1), "
+    "`tiny:<arch>` for a tiny random model (llava, llava_next, qwen2_vl, qwen2_5_vl, "
+    "llava_siglip), or `embedded` / `embedded-tiny` for the embedded default's layout"
+)
+
+
+class ModelSpecError(ValueError):
+    """A MODEL argument that names nothing vregion can build or load."""
+
+
+def open_model(spec: str):
+    """The model a MODEL argument names, for inspection: weights are not needed.
+
+    A checkpoint or HF id is built on the meta device from its config (nothing read but
+    config.json, so a 7B model costs nothing); tiny and embedded models are built in memory.
+    """
+    if spec.startswith(TINY_PREFIX):
+        from vregion.models.tiny import TINY_ARCHS, tiny_lvlm
+
+        arch = spec[len(TINY_PREFIX) :]
+        if arch not in TINY_ARCHS:
+            raise ModelSpecError(
+                f"unknown tiny architecture {arch!r}; choose one of {', '.join(TINY_ARCHS)}"
+            )
+        return tiny_lvlm(arch)
+    if spec in ("embedded", "embedded-tiny"):
+        return _embedded_model(tiny=spec == "embedded-tiny")
+    from vregion.models.loading import empty_lvlm
+
+    return empty_lvlm(spec)
+
+
+def _embedded_model(tiny: bool):
+    """The embedded default as the `base` stage assembles it, before tower pretraining."""
+    from vregion.config import EmbeddedModelConfig
+    from vregion.models import embedded
+
+    cfg = EmbeddedModelConfig()
+    if tiny:
+        tokenizer = embedded.load_smollm2_tokenizer()
+        llm = embedded.tiny_llm(tokenizer)
+    else:
+        llm, tokenizer = embedded.load_smollm2()
+    embedded.build_processor(tokenizer, cfg)  # adds the image token to the tokenizer
+    return embedded.assemble_llava(llm, tokenizer, cfg)
+
+
+# ---- vregion layers ----------------------------------------------------------------------------
+
+
+def add_layers(subparsers) -> None:
+    p = subparsers.add_parser(
+        "layers",
+        help="print an LVLM's layer map: LLM layers, vision tower, projector, LM head",
+        description="Print where the LLM decoder layers, vision tower, projector and LM head of "
+        "an LVLM live, with parameter counts per layer and per part.",
+    )
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    p.set_defaults(run=run_layers)
+
+
+def run_layers(args: argparse.Namespace) -> int:
+    from vregion.models.layer_map import describe, layer_map
+
+    print(describe(layer_map(open_model(args.model))))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+
+SUBCOMMANDS: list[Callable] = [add_layers]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vregion",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors that are the user's to fix: reported in one line, without a traceback."""
+    from vregion.models.layer_map import UnsupportedArchitectureError
+
+    return (ModelSpecError, FileNotFoundError, UnsupportedArchitectureError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 ok, 1 failed, 2 bad usage)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error argparse already printed
+        return int(e.code or 0)
+    try:
+        return args.run(args)
+    except _user_errors() as e:
+        print(f"vregion: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Build the pipeline's starting checkpoint: the embedded default, or a copy of a given LVLM."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from vregion.config import ModelConfig
+from vregion.devices import pick_device, resolve_precision
+
+log = logging.getLogger(__name__)
+
+
+EMBEDDED = ("embedded", "embedded-tiny")
+
+
+def build_embedded(cfg: ModelConfig, out_dir: str | Path, max_objects: int) -> dict:
+    """SmolLM2 (or, for `embedded-tiny`, a random 4-layer Llama with its tokenizer) + a pretrained
+    SigLIP tower + a fresh projector, saved as an HF checkpoint."""
+    from vregion.models import embedded
+    from vregion.models.vision_pretrain import pretrain_tower
+
+    emb = cfg.embedded
+    t0 = time.perf_counter()
+    if cfg.base == "embedded-tiny":
+        tokenizer = embedded.load_smollm2_tokenizer()
+        llm = embedded.tiny_llm(tokenizer, seed=cfg.seed)
+    else:
+        llm, tokenizer = embedded.load_smollm2()
+    processor = embedded.build_processor(tokenizer, emb)
+    model = embedded.assemble_llava(llm, tokenizer, emb, seed=cfg.seed)
+    del llm
+    device = pick_device()
+    tower = model.model.vision_tower.to(device)
+    tower_metrics = pretrain_tower(
+        tower,
+        processor.image_processor,
+        steps=emb.tower_pretrain_steps,
+        lr=emb.tower_pretrain_lr,
+        batch_size=emb.tower_pretrain_batch_size,
+        image_size=emb.image_size,
+        patch_size=emb.patch_size,
+        max_objects=max_objects,
+        seed=cfg.seed,
+        precision=resolve_precision("auto", device),
+        device=device,
+    )
+    model.to("cpu")
+    save_checkpoint(model, processor, out_dir)
+    return {
+        "source": f"{cfg.base}: {'SmolLM2-135M-Instruct' if cfg.base == 'embedded' else 'random tiny Llama'} + SigLIP",
+        "seconds": round(time.perf_counter() - t0, 1),
+        "tower": tower_metrics,
+    }
+
+
+def copy_pretrained(name_or_path: str, out_dir: str | Path) -> dict:
+    """Load an LVLM by HF id or directory and save it as the pipeline's base checkpoint."""
+    from vregion.models.loading import load_lvlm
+
+    t0 = time.perf_counter()
+    model, processor = load_lvlm(name_or_path)
+    save_checkpoint(model, processor, out_dir)
+    return {"source": name_or_path, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def save_checkpoint(model, processor, out_dir: str | Path) -> None:
+    """An ordinary HF checkpoint (safetensors) + processor that plain transformers loads."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    if processor is not None:
+        processor.save_pretrained(out_dir)
+    log.info("saved %s to %s", type(model).__name__, out_dir)
