@@ -32,7 +32,7 @@ class Sample:
     answer: str | None = None
     """Gold short answer (the last gpt turn), for accuracy."""
     choices: list[str] | None = None
-    """Every answer this kind of question can have; 1/len(choices) is its chance level."""
+    """Every answer this question can have; 1/len(choices) is its chance level."""
 
     def to_json(self) -> str:
         return json.dumps({k: v for k, v in asdict(self).items() if v is not None})
