@@ -27,7 +27,7 @@ import sys  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from vregion.config import ConfigError  # noqa: E402
+from vregion.config import ConfigError, load_params  # noqa: E402
 
 log = logging.getLogger("vregion.stages")
 
@@ -56,6 +56,7 @@ def run_stage(flow: Callable[..., object], description: str, argv: list[str] | N
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        load_params(args.params)  # fail fast, before a Prefect server is started for nothing
         flow(params=args.params)
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

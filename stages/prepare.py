@@ -48,7 +48,7 @@ def drop_overlong(
         n = count_tokens(processor, s, blank if s.image else None, system_prompt)
         if n > max_tokens:
             quarantine.add(
-                path, s.id, f"{n} tokens > data.max_tokens={max_tokens}", "conversations"
+                path, s.id, f"too long: {n} tokens > max_tokens {max_tokens}", "conversations"
             )
         else:
             kept.append(s)
