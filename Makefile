@@ -22,6 +22,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE := disabled
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0  # keeps a local Ray on loopback
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install run test lint clean help

@@ -15,6 +15,7 @@ for _key, _value in {
     "PREFECT_LOGGING_EXTRA_LOGGERS": "vregion",  # library logs show up in the flow run's logs
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_AUTH_MODE": "disabled",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keeps a local Ray on loopback
     "TOKENIZERS_PARALLELISM": "false",
 }.items():
     os.environ.setdefault(_key, _value)

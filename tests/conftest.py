@@ -12,10 +12,14 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "90"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ["RAY_AUTH_MODE"] = "disabled"
+# Ray swaps 127.0.0.1 for the routable IP and binds on all interfaces unless told not to.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.pop("PREFECT_API_URL", None)
 
 import pytest  # noqa: E402
+
+pytest_plugins = ["s3_fixtures"]  # real SeaweedFS on free loopback ports (tests/s3_fixtures.py)
 
 
 @pytest.fixture(scope="session")
