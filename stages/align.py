@@ -19,7 +19,8 @@ from vregion.data.records import read_jsonl
 from vregion.devices import pick_device, resolve_precision
 from vregion.models.base import save_checkpoint
 from vregion.models.loading import load_lvlm
-from vregion.train.align import ImageSet, train_alignment
+from vregion.train.align import train_alignment
+from vregion.train.loop import ImageSet
 
 BASE = "models/base"
 DATA = "data"

@@ -25,7 +25,9 @@ TINY_PARAMS = {
     },
     "data": {"train_images": 40, "eval_images": 10, "text_items": 20, "questions_per_image": 2},
     "align": {"steps": 3, "batch_size": 4, "eval_samples": 8},
+    "probe": {"samples": 8, "batch_size": 4, "tune_steps": 2, "lora_r": 4},
 }
+STAGES = ("base", "prepare", "align", "probe")
 
 
 def _merge(base: dict, patch: dict) -> dict:
@@ -68,7 +70,7 @@ def pipeline_repo(tmp_path_factory):
 
 def test_repro_builds_every_stage(pipeline_repo):
     repo, _, _, first = pipeline_repo
-    for stage in ("base", "prepare", "align"):
+    for stage in STAGES:
         assert f"Running stage '{stage}'" in first
     align = json.loads((repo / "metrics" / "align.json").read_text())
     for key in (
@@ -80,7 +82,7 @@ def test_repro_builds_every_stage(pipeline_repo):
         assert isinstance(align[key], float)
     assert align["trainable_params"] < align["total_params"]
     curve = (repo / "metrics" / "align_loss.csv").read_text().splitlines()
-    assert curve[0] == "step,loss,lr" and len(curve) == 1 + TINY_PARAMS["align"]["steps"]
+    assert curve[0] == "step,loss,lr,seconds" and len(curve) == 1 + TINY_PARAMS["align"]["steps"]
     prepare = json.loads((repo / "metrics" / "prepare.json").read_text())
     assert prepare["synthetic"]["train_captions"] == TINY_PARAMS["data"]["train_images"]
     assert (repo / "data" / "quarantine.json").is_file()
@@ -98,6 +100,7 @@ def test_second_repro_does_nothing_and_a_param_reruns_only_its_stage(pipeline_re
     assert "Running stage 'align'" in changed
     assert "Running stage 'base'" not in changed
     assert "Running stage 'prepare'" not in changed
+    assert "Running stage 'probe'" in changed  # it reads the aligned model, which changed
     curve = (repo / "metrics" / "align_loss.csv").read_text().splitlines()
     assert len(curve) == 1 + 4
 
@@ -117,7 +120,7 @@ def test_each_stage_is_a_completed_prefect_flow_run(pipeline_repo):
     )
     out = _run([sys.executable, "-c", script], repo, env)
     seen = {tuple(line.split()) for line in out.splitlines() if line.strip()}
-    for stage in ("base", "prepare", "align"):
+    for stage in STAGES:
         assert (stage, "COMPLETED") in seen, out
 
 
@@ -149,3 +152,24 @@ def test_aligned_projector_changed_and_llm_did_not(pipeline_repo):
     assert base.keys() == aligned.keys()
     changed = {k for k in base if not bool((base[k] == aligned[k]).all())}
     assert changed and all("multi_modal_projector" in k for k in changed), sorted(changed)[:5]
+
+
+def test_probe_writes_scores_region_and_chart(pipeline_repo):
+    repo, _, _, _ = pipeline_repo
+    scores = json.loads((repo / "reports" / "layer_scores.json").read_text())
+    assert scores["num_layers"] == 4
+    for name in (
+        "block_influence",
+        "angular_distance",
+        "attention_to_image",
+        "parameter_change",
+        "layer_ablation",
+    ):
+        assert len(scores["scores"][name]) == 4
+    # the probe tuning moved every layer (all-layer LoRA), so every parameter change is positive
+    assert all(v > 0 for v in scores["scores"]["parameter_change"])
+    region = json.loads((repo / "reports" / "region.json").read_text())
+    assert region["strategy"] == "uniform" and region["layers"] == [2] and region["num_layers"] == 4
+    assert (repo / "reports" / "plots" / "layer_scores.png").stat().st_size > 10_000
+    csv = (repo / "reports" / "layer_scores.csv").read_text().splitlines()
+    assert csv[0].startswith("layer,") and len(csv) == 5

@@ -116,6 +116,69 @@ class AlignConfig(Section):
     """`auto`: bf16 autocast where the hardware runs it fast (CUDA, or CPU with AMX/AVX512-BF16), else fp32."""
 
 
+class ProbeConfig(Section):
+    """Score every LLM layer on a probe subset (optionally after a short all-layer probe tuning)."""
+
+    samples: int = Field(64, ge=1)
+    """Training questions in the probe subset (a seeded sample of data/train/vqa.jsonl)."""
+    batch_size: int = Field(8, ge=1)
+    """Probe batch size for scoring and probe tuning."""
+    scorers: list[str] = [
+        "block_influence",
+        "multimodal_block_influence",
+        "angular_distance",
+        "attention_to_image",
+        "parameter_change",
+        "layer_ablation",
+    ]
+    """Scorers to compute (vregion.region.scores.SCORERS); `parameter_change` needs `tune_steps` > 0."""
+    tune_steps: int = Field(20, ge=0)
+    """All-layer LoRA probe-tuning steps before scoring, as the paper scores a model tuned on all
+    layers; 0 scores the aligned model as it is."""
+    tune_lr: float = Field(2e-4, gt=0)
+    """Learning rate of the probe tuning (LoRA and projector)."""
+    lora_r: int = Field(16, ge=1)
+    """LoRA rank of the probe tuning."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Precision of the probe tuning (scoring always runs in fp32)."""
+
+    @model_validator(mode="after")
+    def _known_scorers(self) -> ProbeConfig:
+        from vregion.region.scores import SCORERS
+
+        unknown = [s for s in self.scorers if s not in SCORERS]
+        if unknown:
+            raise ValueError(f"unknown scorer(s) {unknown}; valid: {', '.join(SCORERS)}")
+        if "parameter_change" in self.scorers and self.tune_steps == 0:
+            raise ValueError(
+                "parameter_change needs tune_steps > 0 (it compares tuned to aligned weights)"
+            )
+        return self
+
+
+class RegionConfig(Section):
+    """How the visual region (the LLM layers to tune) is chosen; read by probe."""
+
+    strategy: str = "uniform"
+    """uniform | bottom | top | middle | bottom+top | random | list | all | topk:<scorer>."""
+    size: int | float = 0.25
+    """A fraction of the layers in (0, 1] (float) or a layer count (int)."""
+    most_important: bool = True
+    """For topk:<scorer>: take the highest-scoring layers (False: the lowest)."""
+    layers: list[int] | None = None
+    """Explicit layer indices for `strategy: list`."""
+    seed: int = 0
+    """Seed of `strategy: random`."""
+
+    @model_validator(mode="after")
+    def _known_strategy(self) -> RegionConfig:
+        from vregion.region.select import STRATEGIES, TOPK_PREFIX
+
+        if not (self.strategy in STRATEGIES or self.strategy.startswith(TOPK_PREFIX)):
+            raise ValueError(f"unknown strategy {self.strategy!r}; valid: {', '.join(STRATEGIES)}")
+        return self
+
+
 class Params(Section):
     """All of params.yaml."""
 
@@ -125,6 +188,10 @@ class Params(Section):
     """Synthetic, text-skill and LLaVA-format data (read by prepare)."""
     align: AlignConfig = AlignConfig()
     """Stage-1 alignment (read by align)."""
+    probe: ProbeConfig = ProbeConfig()
+    """Layer scoring (read by probe)."""
+    region: RegionConfig = RegionConfig()
+    """Choice of the visual region (read by probe; finetune and prune read reports/region.json)."""
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from vregion.models.layer_map import LayerMap, layer_index, layer_map, llm_layer_names
-from vregion.train.align import answer_nll_sums
+from vregion.train.loop import answer_nll_sums
 
 Batch = Mapping[str, object]
 """Keyword arguments for `model(**batch)`; may include `labels` (dropped where not needed)."""

@@ -8,40 +8,22 @@ captions: if the model uses the image, the shuffled loss stays clearly above the
 from __future__ import annotations
 
 import logging
-import math
-import random
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
 from vregion.config import AlignConfig
-from vregion.data.encode import IGNORE_INDEX, collate
-from vregion.data.records import Sample
-from vregion.devices import autocast
 from vregion.models.layer_map import layer_map, vision_parameters
+from vregion.train.loop import ImageSet, deranged, mean_answer_loss, train_steps
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class ImageSet:
-    """Records plus their images, loaded once (synthetic images are tiny)."""
-
-    samples: list[Sample]
-    images: list  # PIL images or None, aligned with samples
-
-    def batch(self, idx: Sequence[int]) -> tuple[list[Sample], list]:
-        return [self.samples[i] for i in idx], [self.images[i] for i in idx]
-
-
-@dataclass
 class AlignResult:
     curve: list[dict] = field(default_factory=list)
-    """One row per step: step, loss, lr."""
+    """One row per step: step, loss, lr, seconds."""
     metrics: dict = field(default_factory=dict)
 
 
@@ -55,51 +37,6 @@ def freeze_for_alignment(model, train_vision: bool) -> dict[str, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return {"trainable_params": trainable, "total_params": total}
-
-
-def answer_nll_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token NLL over labelled positions, and how many there are."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    mask = shift_labels != IGNORE_INDEX
-    nll = torch.nn.functional.cross_entropy(shift_logits[mask], shift_labels[mask], reduction="sum")
-    return nll, int(mask.sum())
-
-
-@torch.no_grad()
-def caption_loss(
-    model,
-    processor,
-    data: ImageSet,
-    system_prompt: str,
-    *,
-    batch_size: int,
-    precision: str,
-    device: torch.device,
-    shuffle_images_seed: int | None = None,
-) -> float:
-    """Mean per-token answer NLL over `data`; with a seed, images are deranged across records."""
-    images = list(data.images)
-    if shuffle_images_seed is not None:
-        order = list(range(len(images)))
-        random.Random(shuffle_images_seed).shuffle(order)
-        # Rolling a shuffled order by one is a derangement: no record keeps its own image.
-        images = [None] * len(order)
-        for a, b in zip(order, order[1:] + order[:1], strict=True):
-            images[a] = data.images[b]
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(data.samples), batch_size):
-        sl = slice(start, start + batch_size)
-        batch = collate(processor, data.samples[sl], images[sl], system_prompt)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        labels = batch.pop("labels")
-        with autocast(precision, device):
-            logits = model(**batch).logits
-        nll, n = answer_nll_sums(logits, labels)
-        total += float(nll)
-        count += n
-    return total / max(count, 1)
 
 
 def train_alignment(
@@ -122,51 +59,41 @@ def train_alignment(
     if cfg.vision_lr > 0:
         # vision_parameters: Qwen-VL nests its projector inside the tower; no parameter twice.
         groups.append({"params": vision_parameters(lmap), "lr": cfg.vision_lr})
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    scheduler = get_cosine_schedule_with_warmup(
-        optimizer, math.ceil(cfg.warmup_ratio * cfg.steps), cfg.steps
-    )
+    shuffled = deranged(held_out.images, seed)
+    kw = dict(batch_size=cfg.batch_size, precision=precision, device=device)
 
     def evaluate(tag: str) -> None:
-        kw = dict(batch_size=cfg.batch_size, precision=precision, device=device)
-        result.metrics[f"{tag}_caption_loss"] = caption_loss(
-            model, processor, held_out, system_prompt, **kw
+        m = result.metrics
+        m[f"{tag}_caption_loss"] = mean_answer_loss(
+            model, processor, held_out, system_prompt, desc=f"{tag}: caption loss", **kw
         )
-        result.metrics[f"{tag}_shuffled_image_loss"] = caption_loss(
-            model, processor, held_out, system_prompt, shuffle_images_seed=seed, **kw
+        m[f"{tag}_shuffled_image_loss"] = mean_answer_loss(
+            model,
+            processor,
+            held_out,
+            system_prompt,
+            images=shuffled,
+            desc=f"{tag}: shuffled-image loss",
+            **kw,
         )
 
     evaluate("before")
-    rng = random.Random(seed)
-    order: list[int] = []
     t0 = time.perf_counter()
-    bar = tqdm(range(1, cfg.steps + 1), desc="align (projector)", unit="step")
-    for step in bar:
-        if len(order) < cfg.batch_size:  # epochs of shuffled records
-            more = list(range(len(train.samples)))
-            rng.shuffle(more)
-            order += more
-        idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
-        samples, images = train.batch(idx)
-        batch = {
-            k: v.to(device) for k, v in collate(processor, samples, images, system_prompt).items()
-        }
-        labels = batch.pop("labels")
-        model.train()
-        with autocast(precision, device):
-            logits = model(**batch).logits
-        nll, n = answer_nll_sums(logits, labels)
-        loss = nll / max(n, 1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
-        optimizer.step()
-        scheduler.step()
-        lr = optimizer.param_groups[0]["lr"]
-        result.curve.append({"step": step, "loss": round(loss.item(), 5), "lr": lr})
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+    result.curve = train_steps(
+        model,
+        processor,
+        train,
+        groups,
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        warmup_ratio=cfg.warmup_ratio,
+        system_prompt=system_prompt,
+        precision=precision,
+        device=device,
+        seed=seed,
+        desc="align (projector)",
+    )
     seconds = time.perf_counter() - t0
-    model.eval()
     model.requires_grad_(False)
     evaluate("after")
     m = result.metrics
@@ -179,5 +106,5 @@ def train_alignment(
         precision=precision,
         device=device.type,
     )
-    log.info("alignment: %s", {k: v for k, v in m.items()})
+    log.info("alignment: %s", m)
     return result

@@ -1,0 +1,102 @@
+"""Selective tuning: only the projector and the region's layers change; frozen weights stay bit-identical."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vregion.models.layer_map import layer_map
+from vregion.models.tiny import tiny_inputs, tiny_lvlm
+from vregion.train.selective import (
+    LoraSettings,
+    make_region_trainable,
+    parameter_counts,
+    region_target_regex,
+    trainable_groups,
+)
+
+
+def _train(model, inputs, steps=3, lr=1e-2):
+    groups = trainable_groups(model, projector_lr=lr, llm_lr=lr)
+    opt = torch.optim.AdamW(groups)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        model(**inputs).loss.backward()
+        opt.step()
+    model.eval()
+
+
+def _snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _changed_layers(before, after, layers_path):
+    changed = set()
+    for k in before:
+        if not torch.equal(before[k], after[k]):
+            changed.add(k)
+    per_layer = {
+        int(k[len(layers_path) + 1 :].split(".")[0])
+        for k in changed
+        if k.startswith(layers_path + ".")
+    }
+    return changed, per_layer
+
+
+@pytest.mark.parametrize("arch", ["llava", "llava_siglip", "qwen2_vl"])
+def test_lora_region_changes_only_region_layers_and_projector(arch):
+    torch.manual_seed(0)
+    model = tiny_lvlm(arch, num_layers=4)
+    lmap = layer_map(model)
+    before = _snapshot(model)
+    peft_model = make_region_trainable(
+        model, [1, 3], mode="lora", lora=LoraSettings(r=4, alpha=8, dropout=0.0)
+    )
+    # LoRA only on layers 1 and 3 of the LLM; nothing in the vision tower.
+    lora_names = [n for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" in n]
+    assert lora_names and all(
+        f"{lmap.layers_path}.1." in n or f"{lmap.layers_path}.3." in n for n in lora_names
+    )
+    assert len({n.split(".lora_")[0] for n in lora_names}) == 2 * 7  # 7 linear modules x 2 layers
+    _train(peft_model, tiny_inputs(model, with_labels=True))
+    merged = peft_model.merge_and_unload()
+    after = _snapshot(merged)
+    assert after.keys() == before.keys()
+    changed, per_layer = _changed_layers(before, after, lmap.layers_path)
+    assert per_layer == {1, 3}
+    non_layer = {k for k in changed if not k.startswith(lmap.layers_path + ".")}
+    assert non_layer and all(k.startswith(lmap.projector_path) for k in non_layer)
+
+
+def test_full_mode_trains_whole_region_layers_only():
+    model = tiny_lvlm("llava", num_layers=4)
+    lmap = layer_map(model)
+    before = _snapshot(model)
+    model = make_region_trainable(model, [0, 2], mode="full")
+    counts = parameter_counts(model)
+    assert 0 < counts["trainable_percent"] < 100
+    _train(model, tiny_inputs(model, with_labels=True))
+    changed, per_layer = _changed_layers(before, _snapshot(model), lmap.layers_path)
+    assert per_layer == {0, 2}
+    # every parameter of a selected layer moved (full weights, not an adapter)
+    for i in (0, 2):
+        for name, _ in lmap.layers[i].named_parameters():
+            assert f"{lmap.layers_path}.{i}.{name}" in changed
+    assert all(k.startswith((lmap.layers_path, lmap.projector_path)) for k in changed)
+
+
+def test_region_regex_never_matches_vision_layers():
+    import re
+
+    model = tiny_lvlm("llava", num_layers=4)
+    lmap = layer_map(model)
+    pattern = re.compile(region_target_regex(lmap.layers_path, [0, 1, 2, 3]))
+    matched = [n for n, _ in model.named_modules() if pattern.fullmatch(n)]
+    assert len(matched) == 4 * 7
+    assert not any("vision" in n for n in matched)
+
+
+def test_out_of_range_layer_is_refused_with_the_layer_count():
+    with pytest.raises(ValueError, match="4 layers"):
+        make_region_trainable(tiny_lvlm("llava", num_layers=4), [5])

@@ -1,0 +1,122 @@
+"""Make only the visual region trainable: the projector plus the chosen LLM layers.
+
+Two modes, as in the paper: LoRA on all seven linear modules (q, k, v, o, gate, up, down) of the
+selected layers only (the authors' setting), or full weights of those layers. Everything else is
+frozen: the other LLM layers, embeddings, LM head, and the vision tower unless asked.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from vregion.models.layer_map import layer_map, vision_parameters
+
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 128
+    """LoRA rank (paper: 128)."""
+    alpha: int = 256
+    """LoRA alpha (paper: 256)."""
+    dropout: float = 0.05
+    """LoRA dropout (paper: 0.05)."""
+
+
+def region_target_regex(layers_path: str, layers: Sequence[int]) -> str:
+    """PEFT target regex: the seven linear modules of exactly these LLM layers.
+
+    Anchored on the LLM's layer path so a vision encoder's `layers.N.self_attn.q_proj` (CLIP,
+    SigLIP) never matches, which `layers_pattern="layers"` alone would allow.
+    """
+    idx = "|".join(str(i) for i in sorted(set(layers)))
+    mods = "|".join(LINEAR_MODULES)
+    return rf"(.*\.)?{re.escape(layers_path)}\.({idx})\.(self_attn|mlp)\.({mods})"
+
+
+def make_region_trainable(
+    model: nn.Module,
+    layers: Sequence[int],
+    *,
+    mode: str = "lora",
+    lora: LoraSettings | None = None,
+    train_vision: bool = False,
+) -> nn.Module:
+    """Return the model to train (a PeftModel in `lora` mode) with only the region trainable.
+
+    The projector is trained in full in both modes (in LoRA mode as a PEFT `modules_to_save`, so
+    the adapter alone restores it). `layers` may be empty: projector-only tuning.
+    """
+    if mode not in ("lora", "full"):
+        raise ValueError(f"mode must be 'lora' or 'full', got {mode!r}")
+    lmap = layer_map(model)
+    bad = [i for i in layers if not 0 <= i < lmap.num_layers]
+    if bad:
+        raise ValueError(f"layers {bad} out of range: the LLM has {lmap.num_layers} layers")
+    model.requires_grad_(False)
+    if mode == "full":
+        for i in layers:
+            lmap.layers[i].requires_grad_(True)
+        lmap.projector.requires_grad_(True)
+        if train_vision:
+            for p in vision_parameters(lmap):
+                p.requires_grad_(True)
+        return model
+
+    from peft import LoraConfig, get_peft_model
+
+    lora = lora or LoraSettings()
+    if not layers:
+        # PEFT needs at least one target: an empty region is projector-only, done without LoRA.
+        return make_region_trainable(model, [], mode="full", train_vision=train_vision)
+    to_save = [lmap.projector_path] + ([lmap.vision_tower_path] if train_vision else [])
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=region_target_regex(lmap.layers_path, layers),
+        modules_to_save=to_save,
+        bias="none",
+    )
+    return get_peft_model(model, config)
+
+
+def trainable_groups(model: nn.Module, projector_lr: float, llm_lr: float) -> list[dict]:
+    """AdamW groups: projector (and vision) at `projector_lr`, LLM layers / LoRA at `llm_lr`."""
+    lmap = layer_map(model)
+    projector = {id(p) for p in lmap.projector.parameters()}
+    vision = {id(p) for p in vision_parameters(lmap)}
+    slow, fast = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # modules_to_save copies live beside the original module; match by path too.
+        if id(p) in projector or id(p) in vision or lmap.projector_path in name:
+            slow.append(p)
+        else:
+            fast.append(p)
+    groups = [{"params": slow, "lr": projector_lr, "name": "projector"}]
+    if fast:
+        groups.append({"params": fast, "lr": llm_lr, "name": "llm"})
+    return groups
+
+
+def parameter_counts(model: nn.Module) -> dict[str, float]:
+    """Trainable and total parameters (tied weights once) and the trainable share in %."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return {
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": round(100 * trainable / total, 3),
+    }
