@@ -87,3 +87,35 @@ def test_layers_of_the_embedded_default(capsys):
     assert main(["layers", "embedded"]) == 0
     out = capsys.readouterr().out
     assert "30 LLM layers" in out and "model.language_model.layers.29" in out
+
+
+def _dvc_repo(path):
+    import os
+
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    subprocess.run(["git", "init", "-q"], cwd=path, check=True, env=env)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=path, check=True, env=env)
+    return path
+
+
+def test_remote_points_dvc_at_the_s3_store_with_secrets_only_local(tmp_path, s3_env, capsys):
+    repo = _dvc_repo(tmp_path)
+    assert main(["remote", "--repo", str(repo)]) == 0
+    assert s3_env.url("dvc") in capsys.readouterr().out
+    committed = (repo / ".dvc" / "config").read_text()
+    assert s3_env.endpoint_url in committed and "storage" in committed
+    assert s3_env.secret_access_key not in committed
+    assert s3_env.secret_access_key in (repo / ".dvc" / "config.local").read_text()
+
+
+def test_remote_with_wrong_credentials_fails_clearly_and_writes_nothing(
+    tmp_path, s3_env, monkeypatch, capsys
+):
+    repo = _dvc_repo(tmp_path)
+    before = (repo / ".dvc" / "config").read_text()
+    monkeypatch.setenv("VREGION_S3_SECRET_ACCESS_KEY", "not-the-secret-0000")
+    assert main(["remote", "--repo", str(repo)]) == 1
+    err = capsys.readouterr().err
+    assert s3_env.endpoint_url in err and "not-the-secret" not in err
+    assert (repo / ".dvc" / "config").read_text() == before
+    assert not (repo / ".dvc" / "config.local").exists()

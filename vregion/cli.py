@@ -86,9 +86,37 @@ def run_layers(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- vregion remote ----------------------------------------------------------------------------
+
+
+def add_remote(subparsers) -> None:
+    p = subparsers.add_parser(
+        "remote",
+        help="point this DVC repo's cache at the S3 store from VREGION_S3_* (checked first)",
+        description="Check the S3 store named by VREGION_S3_ENDPOINT_URL / VREGION_S3_BUCKET "
+        "(credentials VREGION_S3_ACCESS_KEY_ID / VREGION_S3_SECRET_ACCESS_KEY, or AWS_*), then "
+        "make it the default DVC remote: URL and endpoint in .dvc/config (committed), the key "
+        "pair only in .dvc/config.local (git-ignored). After it, `dvc push` / `dvc pull` share "
+        "every stage output.",
+    )
+    p.add_argument("--name", default="storage", help="DVC remote name (default: storage)")
+    p.add_argument("--repo", default=".", help="DVC repo directory (default: .)")
+    p.set_defaults(run=run_remote)
+
+
+def run_remote(args: argparse.Namespace) -> int:
+    from vregion.storage import S3Settings, check_s3, configure_dvc_remote
+
+    settings = S3Settings.from_env()
+    check_s3(settings)
+    url = configure_dvc_remote(args.repo, settings, name=args.name)
+    print(f"DVC remote '{args.name}' -> {url} ({settings.where}); credentials in .dvc/config.local")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------
 
-SUBCOMMANDS: list[Callable] = [add_layers]
+SUBCOMMANDS: list[Callable] = [add_layers, add_remote]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,8 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that are the user's to fix: reported in one line, without a traceback."""
     from vregion.models.layer_map import UnsupportedArchitectureError
+    from vregion.storage import StorageError
 
-    return (ModelSpecError, FileNotFoundError, UnsupportedArchitectureError)
+    return (
+        ModelSpecError,
+        FileNotFoundError,
+        UnsupportedArchitectureError,
+        StorageError,
+        ValueError,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
