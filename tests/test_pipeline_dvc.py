@@ -8,62 +8,25 @@ Completed Prefect flow run; the checkpoints load with plain transformers.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from pipeline_repo import DVC, TINY_PARAMS, make_pipeline_repo, pipeline_env, run
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY_PARAMS = {
-    "model": {
-        "base": "embedded-tiny",
-        "embedded": {"tower_pretrain_steps": 10, "tower_pretrain_batch_size": 8},
-    },
-    "data": {"train_images": 40, "eval_images": 10, "text_items": 20, "questions_per_image": 2},
-    "align": {"steps": 3, "batch_size": 4, "eval_samples": 8},
-    "probe": {"samples": 8, "batch_size": 4, "tune_steps": 2, "lora_r": 4},
-}
 STAGES = ("base", "prepare", "align", "probe")
 
 
-def _merge(base: dict, patch: dict) -> dict:
-    out = dict(base)
-    for k, v in patch.items():
-        out[k] = _merge(base.get(k, {}), v) if isinstance(v, dict) else v
-    return out
-
-
 def _run(cmd: list[str], cwd: Path, env: dict, timeout: int = 600) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-6000:]}"
-    return out
+    return run(cmd, cwd, env, timeout)
 
 
 @pytest.fixture(scope="module")
 def pipeline_repo(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("pipeline")
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy(ROOT / name, repo / name)
-    for name in ("stages", "vregion"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    (repo / "params.yaml").write_text(yaml.safe_dump(_merge(params, TINY_PARAMS), sort_keys=False))
-    env = dict(os.environ)
-    env["PATH"] = (
-        f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # dvc runs `python -m ...`
-    )
-    env["PREFECT_HOME"] = str(repo / ".prefect")
-    dvc = [sys.executable, "-m", "dvc"]
-    _run(["git", "init", "-q"], repo, env)
-    _run(["git", "config", "user.email", "t@example.com"], repo, env)
-    _run(["git", "config", "user.name", "t"], repo, env)
-    _run([*dvc, "init", "-q"], repo, env)
-    _run([*dvc, "config", "core.site_cache_dir", str(repo / ".dvc" / "site_cache")], repo, env)
+    repo = make_pipeline_repo(tmp_path_factory.mktemp("pipeline"))
+    env = pipeline_env(repo)
+    dvc = DVC
     first = _run([*dvc, "repro"], repo, env, timeout=900)
     return repo, env, dvc, first
 

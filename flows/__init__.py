@@ -1,0 +1,1 @@
+"""Prefect flows over the whole DVC pipeline (see `flows.pipeline`)."""

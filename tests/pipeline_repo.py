@@ -1,0 +1,64 @@
+"""A temporary copy of the project as its own git + DVC repo, with tiny params: the pipeline
+tests' sandbox (the real dvc.yaml, stages and library, the `embedded-tiny` model)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_PARAMS = {
+    "model": {
+        "base": "embedded-tiny",
+        "embedded": {"tower_pretrain_steps": 10, "tower_pretrain_batch_size": 8},
+    },
+    "data": {"train_images": 40, "eval_images": 10, "text_items": 20, "questions_per_image": 2},
+    "align": {"steps": 3, "batch_size": 4, "eval_samples": 8},
+    "probe": {"samples": 8, "batch_size": 4, "tune_steps": 2, "lora_r": 4},
+}
+DVC = [sys.executable, "-m", "dvc"]
+
+
+def merge(base: dict, patch: dict) -> dict:
+    out = dict(base)
+    for k, v in patch.items():
+        out[k] = merge(base.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+def run(cmd: list[str], cwd: Path, env: dict | None = None, timeout: int = 600) -> str:
+    """Run a command; fail the test with the end of its output if it fails."""
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=env or dict(os.environ), capture_output=True, text=True, timeout=timeout
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-6000:]}"
+    return out
+
+
+def pipeline_env(repo: Path) -> dict:
+    """PATH with this interpreter first (dvc runs `python -m stages.X`), Prefect state in the repo."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["PREFECT_HOME"] = str(repo / ".prefect")
+    return env
+
+
+def make_pipeline_repo(repo: Path) -> Path:
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / name, repo / name)
+    for name in ("stages", "vregion"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    (repo / "params.yaml").write_text(yaml.safe_dump(merge(params, TINY_PARAMS), sort_keys=False))
+    run(["git", "init", "-q"], repo)
+    run(["git", "config", "user.email", "t@example.com"], repo)
+    run(["git", "config", "user.name", "t"], repo)
+    run([*DVC, "init", "-q"], repo)
+    run([*DVC, "config", "core.site_cache_dir", str(repo / ".dvc" / "site_cache")], repo)
+    return repo

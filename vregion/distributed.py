@@ -1,0 +1,61 @@
+"""Ray Train plumbing: where runs keep their checkpoints, and a local Ray that starts and stops.
+
+A run's checkpoints go to `RunConfig(storage_path)`: a local directory, or the team's S3 store
+when `VREGION_S3_*` is set, so an interrupted run resumes from its latest checkpoint (re-using
+a run name resumes it) and a teammate's run can too. `RAY_ADDRESS` joins an existing cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from vregion.storage import S3Settings, check_s3, pyarrow_filesystem, s3_configured
+
+
+def run_config(name: str, local_dir: str | Path, *, max_failures: int = 2, environ=None):
+    """RunConfig whose checkpoints live in S3 when configured, else under `local_dir`.
+
+    `max_failures`: a worker that dies is restarted from the latest checkpoint this many times.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    env = os.environ if environ is None else environ
+    common = dict(
+        name=name,
+        failure_config=FailureConfig(max_failures=max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=2),
+    )
+    if s3_configured(env):
+        settings = S3Settings.from_env(env)
+        check_s3(settings)  # a clear error now beats a Ray traceback mid-run
+        return RunConfig(
+            storage_path=settings.path("ray"),
+            storage_filesystem=pyarrow_filesystem(settings),
+            **common,
+        )
+    return RunConfig(storage_path=str(Path(local_dir).resolve()), **common)
+
+
+@contextlib.contextmanager
+def local_ray(temp_dir: str | Path | None = None, num_cpus: int | None = None) -> Iterator[None]:
+    """Join `RAY_ADDRESS` if set; otherwise start a local Ray here and stop it afterwards."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    kwargs: dict = {"include_dashboard": False, "log_to_driver": True}
+    if not address:
+        kwargs["num_cpus"] = num_cpus
+        if temp_dir is not None:
+            # Ray's socket paths must stay short (~107 bytes): keep temp dirs near the root.
+            kwargs["_temp_dir"] = str(Path(temp_dir).resolve())
+    ray.init(address=address, **kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
