@@ -115,31 +115,48 @@ def train_steps(
     grad_accum: int = 1,
     max_grad_norm: float = 1.0,
     desc: str = "train",
-    on_step: Callable[[dict], None] | None = None,
+    on_step: Callable[[dict, torch.optim.Optimizer, object], None] | None = None,
+    start_step: int = 0,
+    resume_state: dict | None = None,
 ) -> list[dict]:
     """Train `groups` (AdamW param groups with their own `lr`) for `steps` optimizer steps.
 
     Each step sees `batch_size * grad_accum` records, drawn in shuffled epochs. Returns one row
-    per step: step, loss, lr of the first group, seconds.
+    per step: step, loss, lr of the first group, seconds. To resume, pass the `start_step` done
+    and `resume_state` ({"optimizer", "scheduler"} state dicts); the data order continues where
+    it stopped. `on_step(row, optimizer, scheduler)` runs after every step (e.g. to checkpoint).
     """
     params = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * steps), steps)
+    if resume_state:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
     rng = random.Random(seed)
     order: list[int] = []
+
+    def next_batch() -> list[int]:
+        nonlocal order
+        if len(order) < batch_size:  # epochs of shuffled records
+            more = list(range(len(data)))
+            rng.shuffle(more)
+            order += more
+        idx, order = order[:batch_size], order[batch_size:]
+        return idx
+
+    for _ in range(start_step * grad_accum):  # replay the data order of the steps already done
+        next_batch()
     curve: list[dict] = []
     model.train()
-    bar = tqdm(range(1, steps + 1), desc=desc, unit="step")
+    bar = tqdm(
+        range(start_step + 1, steps + 1), desc=desc, unit="step", initial=start_step, total=steps
+    )
     for step in bar:
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for _ in range(grad_accum):
-            if len(order) < batch_size:  # epochs of shuffled records
-                more = list(range(len(data)))
-                rng.shuffle(more)
-                order += more
-            idx, order = order[:batch_size], order[batch_size:]
+            idx = next_batch()
             batch = collate(processor, *data.batch(idx), system_prompt)
             batch = {k: v.to(device) for k, v in batch.items()}
             labels = batch.pop("labels")
@@ -160,7 +177,7 @@ def train_steps(
         }
         curve.append(row)
         if on_step is not None:
-            on_step(row)
+            on_step(row, optimizer, scheduler)
         bar.set_postfix(loss=f"{step_loss:.3f}")
     model.eval()
     return curve

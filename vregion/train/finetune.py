@@ -1,0 +1,203 @@
+"""Stage 2, visual instruction tuning of the visual region, one process or many (Ray Train).
+
+`finetune_worker` is the per-worker loop: load the aligned model, make only the region (and the
+projector) trainable, shard the records by rank, resume from the latest checkpoint if there is
+one, train, and checkpoint the trainable weights with the optimizer state through
+`ray.train.report`. `run_finetune` starts it on a `TorchTrainer` and `export_tuned` turns the
+final checkpoint into a PEFT adapter and a merged HF checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from vregion.data.encode import load_image
+from vregion.data.records import read_jsonl
+from vregion.devices import resolve_precision
+from vregion.train.loop import ImageSet, train_steps
+from vregion.train.selective import (
+    LoraSettings,
+    make_region_trainable,
+    parameter_counts,
+    trainable_groups,
+)
+
+STATE_FILE = "trainable.pt"
+
+
+@dataclass
+class FinetuneJob:
+    """Everything a worker needs, picklable (paths, not objects)."""
+
+    aligned: str
+    """Aligned checkpoint directory."""
+    records: str
+    """Training records (JSONL) and the directory their image paths are relative to."""
+    image_root: str
+    layers: list[int]
+    """The region: LLM layers to train."""
+    mode: str = "lora"
+    lora: dict = field(default_factory=lambda: asdict(LoraSettings()))
+    projector_lr: float = 2e-5
+    llm_lr: float = 2e-4
+    steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup_ratio: float = 0.03
+    gradient_checkpointing: bool = False
+    precision: str = "auto"
+    system_prompt: str = "Answer briefly."
+    seed: int = 0
+    checkpoint_every: int = 25
+    train_vision: bool = False
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Only the weights that train: what a checkpoint needs to resume."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def build_trainable(job: FinetuneJob, device: torch.device):
+    """The aligned model with only the region trainable (a PeftModel in LoRA mode)."""
+    from vregion.models.loading import load_lvlm
+
+    model, processor = load_lvlm(job.aligned)
+    if job.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    model = make_region_trainable(
+        model,
+        job.layers,
+        mode=job.mode,
+        lora=LoraSettings(**job.lora),
+        train_vision=job.train_vision,
+    )
+    return model.to(device), processor
+
+
+def worker_shard(job: FinetuneJob, rank: int, world: int) -> ImageSet:
+    """Every `world`-th record from `rank`: disjoint shards that cover the data."""
+    samples = list(read_jsonl(job.records))[rank::world]
+    return ImageSet(samples, [load_image(job.image_root, s) for s in samples])
+
+
+def finetune_worker(config: dict) -> None:
+    """Ray Train per-worker loop (also runs as a single process without Ray)."""
+    import ray.train
+    import ray.train.torch
+
+    job = FinetuneJob(**config["job"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(job.seed)
+    model, processor = build_trainable(job, device)
+    counts = parameter_counts(model)
+    start_step, resume = 0, None
+    curve: list[dict] = []  # the whole loss curve travels with each checkpoint
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            saved = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+        model.load_state_dict(saved["weights"], strict=False)
+        start_step, resume = (
+            saved["step"],
+            {"optimizer": saved["optimizer"], "scheduler": saved["scheduler"]},
+        )
+        curve.extend(saved["curve"])
+    groups = trainable_groups(model, projector_lr=job.projector_lr, llm_lr=job.llm_lr)
+    trained = model
+    if world > 1:
+        trained = ray.train.torch.prepare_model(
+            model, parallel_strategy_kwargs={"find_unused_parameters": True}
+        )
+    precision = resolve_precision(job.precision, device)
+
+    def on_step(row: dict, optimizer, scheduler) -> None:
+        curve.append(row)
+        metrics = {**row, **counts, "resumed_from": start_step, "world_size": world}
+        if row["step"] % job.checkpoint_every and row["step"] != job.steps:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            if rank == 0:  # every rank holds the same weights (DDP); one copy is enough
+                torch.save(
+                    {
+                        "weights": trainable_state(model),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "step": row["step"],
+                        "curve": curve,
+                    },
+                    Path(d) / STATE_FILE,
+                )
+                (Path(d) / "job.json").write_text(json.dumps(asdict(job)))
+            ray.train.report(
+                metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None
+            )
+
+    train_steps(
+        trained,
+        processor,
+        worker_shard(job, rank, world),
+        groups,
+        steps=job.steps,
+        batch_size=job.batch_size,
+        warmup_ratio=job.warmup_ratio,
+        system_prompt=job.system_prompt,
+        precision=precision,
+        device=device,
+        seed=job.seed + rank,
+        grad_accum=job.grad_accum,
+        desc=f"finetune (worker {rank})",
+        on_step=on_step,
+        start_step=start_step,
+        resume_state=resume,
+    )
+
+
+def run_finetune(
+    job: FinetuneJob,
+    *,
+    name: str,
+    local_dir: str | Path,
+    num_workers: int = 1,
+    use_gpu: bool = False,
+):
+    """Run `finetune_worker` on a TorchTrainer; returns the Ray `Result` (latest checkpoint in it)."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from vregion.distributed import run_config
+
+    trainer = TorchTrainer(
+        finetune_worker,
+        train_loop_config={"job": asdict(job)},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        run_config=run_config(name, local_dir),
+    )
+    return trainer.fit()
+
+
+def export_tuned(job: FinetuneJob, checkpoint_dir: str | Path, out_dir: str | Path) -> dict:
+    """Final weights → `out_dir/adapter` (PEFT, LoRA mode) and `out_dir/merged` (plain HF)."""
+    from vregion.models.base import save_checkpoint
+
+    saved = torch.load(Path(checkpoint_dir) / STATE_FILE, map_location="cpu", weights_only=False)
+    model, processor = build_trainable(job, torch.device("cpu"))
+    missing = set(saved["weights"]) - {n for n, _ in model.named_parameters()}
+    if missing:
+        raise ValueError(f"checkpoint weights not in the model: {sorted(missing)[:3]}")
+    model.load_state_dict(saved["weights"], strict=False)
+    out_dir = Path(out_dir)
+    if job.mode == "lora":
+        model.save_pretrained(out_dir / "adapter")
+        model = model.merge_and_unload()
+    model.requires_grad_(False)
+    save_checkpoint(model, processor, out_dir / "merged")
+    return {"step": saved["step"], "adapter": job.mode == "lora", "curve": saved["curve"]}
