@@ -16,7 +16,7 @@ import torch
 from prefect import flow
 
 from stages._common import run_stage, write_csv, write_json
-from vregion.config import load_params
+from vregion.config import ConfigError, load_params
 from vregion.data.encode import collate, load_image
 from vregion.data.records import read_jsonl
 from vregion.devices import pick_device, resolve_precision
@@ -24,7 +24,7 @@ from vregion.models.layer_map import layer_map
 from vregion.models.loading import load_lvlm
 from vregion.plots import layer_scores_chart
 from vregion.region.scores import score_layers
-from vregion.region.select import choose_region
+from vregion.region.select import choose_region, layer_count
 from vregion.train.loop import ImageSet, train_steps
 from vregion.train.selective import LoraSettings, make_region_trainable, trainable_groups
 
@@ -75,6 +75,11 @@ def probe(params: str = "params.yaml") -> dict:
     device = pick_device()
     model, processor = load_lvlm(ALIGNED)
     model.to(device)
+    if p.region.size is not None and p.region.strategy not in ("list", "all"):
+        try:  # a bad size fails now, not after minutes of probe tuning and scoring
+            layer_count(layer_map(model).num_layers, p.region.size)
+        except ValueError as err:
+            raise ConfigError(f"region.size: {err}") from None
     data = probe_subset(p.probe.samples, p.model.seed)
     scored, reference, curve = model, None, []
     if p.probe.tune_steps > 0:

@@ -127,3 +127,18 @@ def test_prepare_quarantines_bad_llava_records_and_keeps_valid_ones(
     assert on_disk["quarantined_by_file"] == {str(train): 6}
     # The synthetic data was still built in full.
     assert on_disk["synthetic"]["train_captions"] == 12
+
+
+def test_probe_refuses_a_region_larger_than_the_model_before_any_work(
+    tmp_path, monkeypatch, tiny_embedded_dir, prefect_harness
+):
+    from stages.probe import probe
+    from vregion.config import ConfigError
+
+    base, _ = tiny_embedded_dir
+    shutil.copytree(base, tmp_path / "models" / "aligned")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"region": {"size": 9}}))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"region.size: .*the LLM has 4 layers"):
+        probe(params="params.yaml")
+    assert not (tmp_path / "reports").exists()
