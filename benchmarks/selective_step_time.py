@@ -34,7 +34,6 @@ def run_one(args: argparse.Namespace) -> dict:
     """One configuration in this process: returns per-step seconds and peak memory."""
     import torch
 
-    from vregion.data.encode import load_image
     from vregion.data.records import read_jsonl
     from vregion.devices import pick_device, resolve_precision
     from vregion.models.layer_map import layer_map
@@ -64,7 +63,7 @@ def run_one(args: argparse.Namespace) -> dict:
     samples = list(read_jsonl(Path(args.data) / "train" / "vqa.jsonl"))[
         : args.batch_size * (args.steps + 1)
     ]
-    data = ImageSet(samples, [load_image(args.data, s) for s in samples])
+    data = ImageSet.load(samples, args.data)
     groups = trainable_groups(model, projector_lr=2e-5, llm_lr=2e-4)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

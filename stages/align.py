@@ -14,7 +14,6 @@ from prefect import flow
 
 from stages._common import run_stage, write_csv, write_json
 from vregion.config import load_params
-from vregion.data.encode import load_image
 from vregion.data.records import read_jsonl
 from vregion.devices import pick_device, resolve_precision
 from vregion.models.base import save_checkpoint
@@ -31,7 +30,7 @@ CURVE = "metrics/align_loss.csv"
 
 def image_set(path: str, limit: int | None = None) -> ImageSet:
     samples = list(read_jsonl(path))[:limit]
-    return ImageSet(samples, [load_image(DATA, s) for s in samples])
+    return ImageSet.load(samples, DATA)
 
 
 @flow(name="align", log_prints=True)

@@ -17,7 +17,6 @@ from prefect import flow
 
 from stages._common import run_stage, write_csv, write_json
 from vregion.config import ConfigError, load_params
-from vregion.data.encode import collate, load_image
 from vregion.data.records import read_jsonl
 from vregion.devices import pick_device, resolve_precision
 from vregion.models.layer_map import layer_map
@@ -25,7 +24,7 @@ from vregion.models.loading import load_lvlm
 from vregion.plots import layer_scores_chart
 from vregion.region.scores import score_layers
 from vregion.region.select import choose_region, layer_count
-from vregion.train.loop import ImageSet, train_steps
+from vregion.train.loop import ImageSet, batches_of, train_steps
 from vregion.train.selective import LoraSettings, make_region_trainable, trainable_groups
 
 ALIGNED = "models/aligned"
@@ -40,7 +39,7 @@ METRICS = "metrics/probe.json"
 def probe_subset(n: int, seed: int) -> ImageSet:
     samples = list(read_jsonl(f"{DATA}/train/vqa.jsonl"))
     samples = random.Random(seed).sample(samples, min(n, len(samples)))
-    return ImageSet(samples, [load_image(DATA, s) for s in samples])
+    return ImageSet.load(samples, DATA)
 
 
 def probe_tune(model, processor, data: ImageSet, p, device, precision):
@@ -86,14 +85,7 @@ def probe(params: str = "params.yaml") -> dict:
         precision = resolve_precision(p.probe.precision, device)
         scored, curve = probe_tune(model, processor, data, p, device, precision)
         reference = model
-    batches = [
-        collate(
-            processor,
-            *data.batch(range(i, min(i + p.probe.batch_size, len(data)))),
-            p.model.system_prompt,
-        )
-        for i in range(0, len(data), p.probe.batch_size)
-    ]
+    batches = list(batches_of(processor, data, p.model.system_prompt, p.probe.batch_size))
     scores = score_layers(scored, batches, p.probe.scorers, reference_model=reference)
     num_layers = layer_map(model).num_layers
     r = p.region

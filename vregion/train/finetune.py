@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from vregion.data.encode import load_image
 from vregion.data.records import read_jsonl
 from vregion.devices import resolve_precision
 from vregion.train.loop import ImageSet, train_steps
@@ -83,7 +82,7 @@ def build_trainable(job: FinetuneJob, device: torch.device):
 def worker_shard(job: FinetuneJob, rank: int, world: int) -> ImageSet:
     """Every `world`-th record from `rank`: disjoint shards that cover the data."""
     samples = list(read_jsonl(job.records))[rank::world]
-    return ImageSet(samples, [load_image(job.image_root, s) for s in samples])
+    return ImageSet.load(samples, job.image_root)
 
 
 def finetune_worker(config: dict) -> None:

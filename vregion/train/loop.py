@@ -11,12 +11,13 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from vregion.data.encode import IGNORE_INDEX, collate
+from vregion.data.encode import IGNORE_INDEX, collate, load_image
 from vregion.data.records import Sample
 from vregion.devices import autocast
 
@@ -27,6 +28,11 @@ class ImageSet:
 
     samples: list[Sample]
     images: list  # PIL images or None, aligned with samples
+
+    @classmethod
+    def load(cls, samples: list[Sample], image_root: str | Path) -> ImageSet:
+        """The records with their images read from `image_root`."""
+        return cls(samples, [load_image(image_root, s) for s in samples])
 
     def batch(self, idx: Sequence[int]) -> tuple[list[Sample], list]:
         return [self.samples[i] for i in idx], [self.images[i] for i in idx]
