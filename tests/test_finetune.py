@@ -135,3 +135,51 @@ def test_killed_run_resumes_from_its_checkpoint(tiny_embedded_dir, vqa, tmp_path
     line = [x for x in out.stdout.splitlines() if x.startswith("RESUMED_FROM")][-1].split()
     # resumed from a checkpoint of the killed run (the latest Ray had registered), not from 0
     assert 0 < int(line[1]) <= done and int(line[3]) == job.steps
+
+
+def dies_after_first_checkpoint(config: dict) -> None:
+    """The finetune loop, but rank 0 dies (as a crashed worker would) right after the first
+    checkpoint it reports, once per marker file."""
+    from pathlib import Path
+
+    import ray.train
+
+    from vregion.train.finetune import finetune_worker
+
+    marker = Path(config["job"]["records"]).with_name("died-at-step")
+    report = ray.train.report
+
+    def report_then_die(metrics, checkpoint=None, **kwargs):
+        report(metrics, checkpoint=checkpoint, **kwargs)
+        if checkpoint is not None and not marker.exists():
+            marker.write_text(str(metrics["step"]))
+            time.sleep(3)  # let the controller register the checkpoint, as after a real save
+            os._exit(1)
+
+    ray.train.report = report_then_die
+    finetune_worker(config)
+
+
+def test_a_worker_that_dies_is_restarted_from_the_checkpoint(
+    ray_runtime, tiny_embedded_dir, vqa, tmp_path
+):
+    import ray.cloudpickle
+
+    job = _job(tiny_embedded_dir, vqa, steps=8, checkpoint_every=3)
+    marker = vqa / "train" / "died-at-step"
+    marker.unlink(missing_ok=True)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # ship this test's function
+    try:
+        result = run_finetune(
+            job,
+            name="dies",
+            local_dir=tmp_path / "runs",
+            num_workers=2,
+            train_fn=dies_after_first_checkpoint,
+        )
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert marker.read_text() == "3"  # rank 0 died once, right after its step-3 checkpoint
+    assert result.error is None
+    # the restarted worker group went on from that checkpoint and finished the run
+    assert result.metrics["resumed_from"] == 3 and result.metrics["step"] == job.steps

@@ -179,6 +179,96 @@ class RegionConfig(Section):
         return self
 
 
+class FinetuneConfig(Section):
+    """Stage-2 visual instruction tuning of the region (read by finetune); runs on Ray Train."""
+
+    mode: Literal["lora", "full"] = "lora"
+    """`lora`: LoRA on the seven linear modules of the region's layers (the paper); `full`: all
+    weights of those layers."""
+    lora_r: int = Field(128, ge=1)
+    """LoRA rank (paper: 128)."""
+    lora_alpha: int = Field(256, ge=1)
+    """LoRA alpha (paper: 256)."""
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    """LoRA dropout (paper: 0.05)."""
+    projector_lr: float = Field(2e-5, gt=0)
+    """Learning rate of the projector (paper: 2e-5)."""
+    llm_lr: float = Field(2e-4, gt=0)
+    """Learning rate of the region's LoRA or full weights (paper: 2e-4)."""
+    steps: int = Field(300, ge=1)
+    """Optimizer steps; each sees batch_size * grad_accum * num_workers questions."""
+    batch_size: int = Field(8, ge=1)
+    """Questions per worker per micro-batch."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches per optimizer step."""
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    """Share of the steps with linear warmup before the cosine decay (paper: 3%)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, more time."""
+    train_vision: bool = False
+    """Also train the vision tower (frozen in the paper)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """`auto`: bf16 autocast on GPUs and on CPUs with native bf16, else fp32."""
+    num_workers: int = Field(1, ge=1)
+    """Ray Train workers (one per GPU; data is sharded across them, DDP keeps them in step)."""
+    use_gpu: Literal["auto", True, False] = "auto"
+    """Give each worker a GPU; `auto`: when this machine has CUDA."""
+    checkpoint_every: int = Field(50, ge=1)
+    """Steps between checkpoints (trainable weights + optimizer), where a rerun resumes."""
+    eval_samples: int | None = Field(300, ge=6)
+    """Held-out questions for the tuned model's visual accuracy check, balanced over kinds
+    (null: all of data/eval/vqa.jsonl)."""
+    eval_batch_size: int = Field(16, ge=1)
+    """Batch size of that check."""
+
+
+class PruneConfig(Section):
+    """Remove LLM layers outside the region from the tuned model (read by prune)."""
+
+    layers: int = Field(2, ge=0)
+    """How many layers to remove: the least important outside the region (paper: 1-4)."""
+    explicit: list[int] | None = None
+    """Remove exactly these layers instead of ranking (region layers are refused)."""
+    scorer: Literal["angular_distance", "block_influence"] = "angular_distance"
+    """Importance measure on visual eval data; low = the layer changes its input least."""
+    samples: int = Field(64, ge=1)
+    """Held-out questions the importance is measured on."""
+    batch_size: int = Field(8, ge=1)
+    """Batch size of the scoring pass."""
+    heal_steps: int = Field(0, ge=0)
+    """Optional healing: LoRA steps on the pruned model's remaining region (paper: none)."""
+    heal_lr: float = Field(2e-4, gt=0)
+    """Learning rate of the healing pass."""
+
+
+class EvaluateConfig(Section):
+    """Measure every model the pipeline produced (read by evaluate)."""
+
+    samples: int | None = Field(None, ge=6)
+    """Held-out questions for visual accuracy, balanced over kinds (null: all of them)."""
+    batch_size: int = Field(16, ge=1)
+    """Evaluation batch size."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """`auto`: bf16 autocast where the hardware runs it fast, else fp32."""
+    text: bool = True
+    """Measure text skill (data/text) for every model and the base LLM."""
+    speed_batch: int = Field(4, ge=1)
+    """Prompts per batch in the prefill/decode speed measurement."""
+    new_tokens: int = Field(16, ge=2)
+    """Tokens decoded per prompt in the speed measurement."""
+    speed_repeats: int = Field(3, ge=0)
+    """Timed repeats (median reported); 0 skips speed."""
+    prune_curve: list[int] = [0, 1, 2, 3, 4]
+    """Layers removed (by the prune ranking) for the accuracy-vs-layers-removed curve; [] skips it."""
+    curve_samples: int | None = Field(300, ge=6)
+    """Held-out questions per point of that curve."""
+    extra_models: dict[str, str] = {}
+    """More checkpoints to measure, name -> directory (e.g. `all-layer: path/to/merged`)."""
+    baseline: str | None = None
+    """Name of the model that retention % is computed against (e.g. an all-layer-tuned model
+    in `extra_models`); null: no retention column."""
+
+
 class Params(Section):
     """All of params.yaml."""
 
@@ -192,6 +282,12 @@ class Params(Section):
     """Layer scoring (read by probe)."""
     region: RegionConfig = RegionConfig()
     """Choice of the visual region (read by probe; finetune and prune read reports/region.json)."""
+    finetune: FinetuneConfig = FinetuneConfig()
+    """Selective visual instruction tuning (read by finetune)."""
+    prune: PruneConfig = PruneConfig()
+    """Layer pruning outside the region (read by prune)."""
+    evaluate: EvaluateConfig = EvaluateConfig()
+    """Measurements of every model (read by evaluate and report)."""
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

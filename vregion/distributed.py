@@ -39,6 +39,16 @@ def run_config(name: str, local_dir: str | Path, *, max_failures: int = 2, envir
     return RunConfig(storage_path=str(Path(local_dir).resolve()), **common)
 
 
+def quiet_workers() -> None:
+    """Ray worker setup: without Ray's dashboard (not installed here) the state API is absent,
+    and Ray Train's placement-group cleaner would warn about it every second of a run."""
+    import logging
+
+    logging.getLogger(
+        "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+    ).setLevel(logging.ERROR)
+
+
 @contextlib.contextmanager
 def local_ray(temp_dir: str | Path | None = None, num_cpus: int | None = None) -> Iterator[None]:
     """Join `RAY_ADDRESS` if set; otherwise start a local Ray here and stop it afterwards."""
@@ -48,7 +58,11 @@ def local_ray(temp_dir: str | Path | None = None, num_cpus: int | None = None) -
         yield
         return
     address = os.environ.get("RAY_ADDRESS")
-    kwargs: dict = {"include_dashboard": False, "log_to_driver": True}
+    kwargs: dict = {
+        "include_dashboard": False,
+        "log_to_driver": True,
+        "runtime_env": {"worker_process_setup_hook": "vregion.distributed.quiet_workers"},
+    }
     if not address:
         kwargs["num_cpus"] = num_cpus
         if temp_dir is not None:
@@ -59,3 +73,18 @@ def local_ray(temp_dir: str | Path | None = None, num_cpus: int | None = None) -
         yield
     finally:
         ray.shutdown()
+
+
+def forget_run(name: str, local_dir: str | Path, environ=None) -> None:
+    """Delete a finished run's checkpoints (local or S3): its outputs are exported, and a
+    later run of the same name must start fresh rather than resume a completed one."""
+    import shutil
+
+    env = os.environ if environ is None else environ
+    if s3_configured(env):
+        settings = S3Settings.from_env(env)
+        fs = pyarrow_filesystem(settings)
+        with contextlib.suppress(FileNotFoundError, OSError):
+            fs.delete_dir(settings.path("ray", name))
+        return
+    shutil.rmtree(Path(local_dir) / name, ignore_errors=True)
