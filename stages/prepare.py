@@ -100,7 +100,8 @@ def prepare(params: str = "params.yaml") -> dict:
 def ingest_llava(p, processor, quarantine: Quarantine) -> dict:
     """Validate the optional LLaVA-format files into data/llava/{train,eval}.jsonl."""
     cfg = p.data.llava
-    if not (cfg.train or cfg.eval):
+    if not (cfg.train or cfg.eval):  # still written, so later stages can depend on data/llava
+        write_json(OUT / "llava" / "source.json", {"image_root": None})
         return {}
     if not cfg.image_root:
         raise ConfigError("data.llava.image_root is required when data.llava.train or .eval is set")

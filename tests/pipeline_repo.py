@@ -20,6 +20,26 @@ TINY_PARAMS = {
     "data": {"train_images": 40, "eval_images": 10, "text_items": 20, "questions_per_image": 2},
     "align": {"steps": 3, "batch_size": 4, "eval_samples": 8},
     "probe": {"samples": 8, "batch_size": 4, "tune_steps": 2, "lora_r": 4},
+    "finetune": {
+        "steps": 3,
+        "batch_size": 4,
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "checkpoint_every": 2,
+        "eval_samples": 12,
+        "eval_batch_size": 6,
+        "precision": "fp32",
+    },
+    "prune": {"layers": 1, "samples": 8, "batch_size": 4},
+    "evaluate": {
+        "samples": 12,
+        "curve_samples": 12,
+        "prune_curve": [0, 1],
+        "speed_repeats": 1,
+        "new_tokens": 3,
+        "batch_size": 6,
+        "precision": "fp32",
+    },
 }
 DVC = [sys.executable, "-m", "dvc"]
 

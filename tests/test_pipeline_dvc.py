@@ -1,8 +1,10 @@
 """The real pipeline under real DVC and Prefect, in a temporary git repo, on the embedded-tiny model.
 
-Checks the contract users rely on: `dvc repro` builds base → prepare → align; a second
-`dvc repro` does nothing; changing an `align` param reruns only `align`; every stage ran as a
-Completed Prefect flow run; the checkpoints load with plain transformers.
+Checks the contract users rely on: `dvc repro` builds every stage (base → prepare → align →
+probe → finetune → prune → evaluate → report); a second `dvc repro` does nothing; changing a
+`finetune` param reruns only finetune and what depends on it; every stage ran as a Completed
+Prefect flow run; every checkpoint loads with plain transformers (the adapter with plain peft);
+the metrics agree with each other and with the report.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import pytest
 import yaml
 from pipeline_repo import DVC, TINY_PARAMS, make_pipeline_repo, pipeline_env, run
 
-STAGES = ("base", "prepare", "align", "probe")
+STAGES = ("base", "prepare", "align", "probe", "finetune", "prune", "evaluate", "report")
 
 
 def _run(cmd: list[str], cwd: Path, env: dict, timeout: int = 600) -> str:
@@ -27,7 +29,7 @@ def pipeline_repo(tmp_path_factory):
     repo = make_pipeline_repo(tmp_path_factory.mktemp("pipeline"))
     env = pipeline_env(repo)
     dvc = DVC
-    first = _run([*dvc, "repro"], repo, env, timeout=900)
+    first = _run([*dvc, "repro"], repo, env, timeout=1200)
     return repo, env, dvc, first
 
 
@@ -57,15 +59,16 @@ def test_second_repro_does_nothing_and_a_param_reruns_only_its_stage(pipeline_re
     assert "Running stage" not in again
     assert "up to date" in again
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["align"]["steps"] = 4
+    params["finetune"]["steps"] = 4
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = _run([*dvc, "repro"], repo, env, timeout=900)
-    assert "Running stage 'align'" in changed
-    assert "Running stage 'base'" not in changed
-    assert "Running stage 'prepare'" not in changed
-    assert "Running stage 'probe'" in changed  # it reads the aligned model, which changed
-    curve = (repo / "metrics" / "align_loss.csv").read_text().splitlines()
+    for stage in ("base", "prepare", "align", "probe"):
+        assert f"Running stage '{stage}'" not in changed
+    for stage in ("finetune", "prune", "evaluate", "report"):  # all read the tuned model
+        assert f"Running stage '{stage}'" in changed
+    curve = (repo / "metrics" / "finetune_loss.csv").read_text().splitlines()
     assert len(curve) == 1 + 4
+    assert json.loads((repo / "metrics" / "train.json").read_text())["steps"] == 4
 
 
 def test_each_stage_is_a_completed_prefect_flow_run(pipeline_repo):
@@ -101,7 +104,7 @@ def test_checkpoints_load_with_plain_transformers(pipeline_repo):
         "out = m.generate(**x, max_new_tokens=3, do_sample=False)\n"
         "print(type(m).__name__, out.shape[1] > x['input_ids'].shape[1])\n"
     )
-    for ckpt in ("models/base", "models/aligned"):
+    for ckpt in ("models/base", "models/aligned", "models/tuned/merged", "models/pruned"):
         out = _run([sys.executable, "-c", script, str(repo / ckpt)], repo, env)
         assert "LlavaForConditionalGeneration True" in out
 
@@ -136,3 +139,90 @@ def test_probe_writes_scores_region_and_chart(pipeline_repo):
     assert (repo / "reports" / "plots" / "layer_scores.png").stat().st_size > 10_000
     csv = (repo / "reports" / "layer_scores.csv").read_text().splitlines()
     assert csv[0].startswith("layer,") and len(csv) == 5
+
+
+def _state(path: Path) -> dict:
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(path).state_dict()
+
+
+def test_finetune_trains_the_region_and_writes_adapter_merged_and_metrics(pipeline_repo):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    repo, _, _, _ = pipeline_repo
+    region = json.loads((repo / "reports" / "region.json").read_text())["layers"]
+    aligned, merged = _state(repo / "models/aligned"), _state(repo / "models/tuned/merged")
+    changed = {k for k in aligned if not torch.equal(aligned[k], merged[k])}
+    layers = "model.language_model.layers."
+    assert {int(k[len(layers) :].split(".")[0]) for k in changed if k.startswith(layers)} == set(
+        region
+    )
+    assert all(k.startswith(layers) or "multi_modal_projector" in k for k in changed)
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForImageTextToText.from_pretrained(repo / "models/aligned"),
+        repo / "models/tuned/adapter",
+    )
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        a = peft_model.merge_and_unload()(input_ids=ids).logits
+        b = AutoModelForImageTextToText.from_pretrained(repo / "models/tuned/merged")(
+            input_ids=ids
+        ).logits
+    assert torch.allclose(a, b, atol=1e-5)
+    train = json.loads((repo / "metrics" / "train.json").read_text())
+    assert train["region"] == region and train["mode"] == "lora" and train["world_size"] == 1
+    assert train["seconds_per_step"] > 0 and train["samples_per_second"] > 0
+    assert train["peak_memory_mb"] > 100  # a process holding torch and a model
+    assert 0 < train["trainable_params"] < train["total_params"]
+    kinds = train["visual"]
+    assert kinds["overall"]["n"] == 12 and {"accuracy", "blind", "chance"} <= set(kinds["overall"])
+
+
+def test_prune_removes_a_layer_outside_the_region(pipeline_repo):
+    repo, _, _, _ = pipeline_repo
+    prune = json.loads((repo / "metrics" / "prune.json").read_text())
+    region = json.loads((repo / "reports" / "region.json").read_text())["layers"]
+    assert len(prune["removed"]) == 1 and not set(prune["removed"]) & set(region)
+    # the removed layer is the lowest-scoring one outside the region
+    outside = [i for i in range(4) if i not in region]
+    assert prune["removed"] == [min(outside, key=lambda i: prune["scores"][i])]
+    config = json.loads((repo / "models/pruned/config.json").read_text())
+    assert config["text_config"]["num_hidden_layers"] == 3
+    assert prune["parameters_after"] < prune["parameters_before"]
+
+
+def test_evaluate_measures_every_model_consistently(pipeline_repo):
+    repo, _, _, _ = pipeline_repo
+    ev = json.loads((repo / "metrics" / "eval.json").read_text())
+    models = ev["models"]
+    assert set(models) == {"aligned", "tuned", "pruned"}
+    for r in models.values():
+        assert r["visual"]["overall"]["n"] == 12
+        assert r["speed"]["prefill_tokens_per_s"] > 0 and r["speed"]["decode_tokens_per_s"] > 0
+        assert r["size_mb"] > 0 and r["peak_memory_mb"] > 100
+        assert "mc_accuracy_vs_base" in r["text"]
+    assert models["pruned"]["num_layers"] == 3 and models["tuned"]["num_layers"] == 4
+    assert models["pruned"]["parameters"] < models["tuned"]["parameters"]
+    assert models["pruned"]["size_mb"] < models["tuned"]["size_mb"]
+    # the curve's 0 and 1 layers removed are the tuned and pruned models on the same questions
+    curve = {r["layers_removed"]: r for r in ev["prune_curve"]}
+    assert curve[0]["accuracy"] == models["tuned"]["visual"]["overall"]["accuracy"]
+    assert curve[1]["accuracy"] == models["pruned"]["visual"]["overall"]["accuracy"]
+    prune = json.loads((repo / "metrics" / "prune.json").read_text())
+    assert curve[1]["removed"] == prune["removed"]
+    assert (repo / "reports" / "plots" / "eval_accuracy.png").stat().st_size > 10_000
+
+
+def test_report_shows_the_measured_figures(pipeline_repo):
+    repo, _, _, _ = pipeline_repo
+    summary = (repo / "reports" / "summary.md").read_text()
+    ev = json.loads((repo / "metrics" / "eval.json").read_text())
+    region = json.loads((repo / "reports" / "region.json").read_text())["layers"]
+    assert str(region) in summary
+    for r in ev["models"].values():
+        assert f"{r['visual']['overall']['accuracy']:.3f}" in summary
+    assert "![accuracy per kind](plots/eval_accuracy.png)" in summary
+    assert (repo / "reports" / "plots" / "eval_accuracy.png").is_file()

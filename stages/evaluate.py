@@ -1,0 +1,199 @@
+"""evaluate: measure every model the pipeline produced (metrics/eval.json, plots).
+
+For the aligned, tuned and pruned models (and any `evaluate.extra_models`, e.g. an all-layer
+baseline): held-out visual accuracy per question kind beside the blind control (images shuffled
+across questions) and chance; exact match on a LLaVA-format eval set when `data.llava.eval` is
+given; text skill against the base LLM; prefill/decode tokens/s; parameters; size on disk; peak
+memory (each model in its own process). Then the accuracy of the tuned model with 0, 1, 2, ...
+layers removed in the prune stage's order: the layers-removed curve.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from prefect import flow, task
+
+from stages._common import run_stage, write_csv, write_json
+from vregion.config import ConfigError, Params, load_params
+from vregion.data.records import read_jsonl
+from vregion.devices import pick_device, resolve_precision
+from vregion.eval.checkpoint import EvalJob, checkpoint_exists, evaluate_isolated
+from vregion.eval.visual import accuracy_table, predict_choices, stratified
+from vregion.models.loading import load_lvlm
+from vregion.plots import accuracy_chart, line_chart
+from vregion.prune import temporarily_pruned
+from vregion.train.loop import ImageSet
+
+DATA = "data"
+MODELS = {"aligned": "models/aligned", "tuned": "models/tuned/merged", "pruned": "models/pruned"}
+BASE = "models/base"
+PRUNE = "metrics/prune.json"
+METRICS = "metrics/eval.json"
+ACCURACY_CSV = "metrics/eval_accuracy.csv"
+CURVE_CSV = "metrics/prune_curve.csv"
+ACCURACY_PNG = "reports/plots/eval_accuracy.png"
+CURVE_PNG = "reports/plots/prune_curve.png"
+
+
+def eval_ids(p: Params) -> list[str]:
+    samples = list(read_jsonl(f"{DATA}/eval/vqa.jsonl"))
+    return [s.id for s in stratified(samples, p.evaluate.samples, p.model.seed)]
+
+
+def eval_job(p: Params, checkpoint: str, ids: list[str] | None, visual: bool = True) -> EvalJob:
+    e = p.evaluate
+    llava = Path(DATA, "llava", "eval.jsonl")
+    source = Path(DATA, "llava", "source.json")
+    return EvalJob(
+        checkpoint=checkpoint,
+        system_prompt=p.model.system_prompt,
+        image_root=DATA,
+        vqa=f"{DATA}/eval/vqa.jsonl" if visual else None,
+        vqa_ids=ids,
+        llava_eval=str(llava) if visual and llava.is_file() else None,
+        llava_image_root=json.loads(source.read_text())["image_root"] if source.is_file() else None,
+        text_items=f"{DATA}/text/text_skill.jsonl" if e.text else None,
+        batch_size=e.batch_size,
+        precision=e.precision,
+        seed=p.model.seed,
+        speed_batch=e.speed_batch,
+        new_tokens=e.new_tokens,
+        speed_repeats=e.speed_repeats if visual else 0,
+    )
+
+
+@task(name="measure-model")
+def measure(name: str, job: EvalJob) -> dict:
+    print(f"evaluating {name}: {job.checkpoint}")
+    return evaluate_isolated(job)
+
+
+@task(name="prune-curve")
+def prune_curve(p: Params) -> list[dict]:
+    """Visual accuracy of the tuned model with the first k layers of the prune ranking removed."""
+    ranking = json.loads(Path(PRUNE).read_text())["ranking_outside_region"]
+    ks = [k for k in p.evaluate.prune_curve if k <= len(ranking)]
+    samples = stratified(
+        list(read_jsonl(f"{DATA}/eval/vqa.jsonl")), p.evaluate.curve_samples, p.model.seed
+    )
+    data = ImageSet.load(samples, DATA)
+    device = pick_device()
+    model, processor = load_lvlm(MODELS["tuned"])
+    model.to(device).eval()
+    rows = []
+    for k in ks:
+        with temporarily_pruned(model, sorted(ranking[:k])) as pruned:
+            preds = predict_choices(
+                pruned,
+                processor,
+                data,
+                p.model.system_prompt,
+                batch_size=p.evaluate.batch_size,
+                precision=resolve_precision(p.evaluate.precision, device),
+                device=device,
+                desc=f"curve: {k} removed",
+            )
+        table = accuracy_table(data.samples, preds)
+        rows.append(
+            {
+                "layers_removed": k,
+                "removed": sorted(ranking[:k]),
+                "accuracy": table["overall"]["accuracy"],
+                **{
+                    f"accuracy_{kind}": v["accuracy"]
+                    for kind, v in table.items()
+                    if kind != "overall"
+                },
+            }
+        )
+    return rows
+
+
+def add_comparisons(results: dict, base_text: dict | None, baseline: str | None) -> None:
+    """Text skill against the base LLM, and visual retention % against `baseline`."""
+    ref = results.get(baseline, {}).get("visual") if baseline else None
+    for r in results.values():
+        if base_text and "text" in r:
+            r["text"]["mc_accuracy_vs_base"] = round(
+                r["text"]["mc_accuracy"] - base_text["mc_accuracy"], 4
+            )
+            r["text"]["answer_nll_vs_base"] = round(
+                r["text"]["answer_nll"] - base_text["answer_nll"], 4
+            )
+        if ref and "visual" in r:
+            for kind, row in r["visual"].items():
+                row["retention_percent"] = round(
+                    100 * row["accuracy"] / max(ref[kind]["accuracy"], 1e-9), 2
+                )
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate(params: str = "params.yaml") -> dict:
+    p = load_params(params)
+    models = {**MODELS, **p.evaluate.extra_models}
+    missing = {n: d for n, d in models.items() if not checkpoint_exists(d)}
+    if missing:
+        raise FileNotFoundError(
+            f"no checkpoint for {missing} (run `dvc repro` for the pipeline's models; "
+            "check evaluate.extra_models paths)"
+        )
+    if p.evaluate.baseline and p.evaluate.baseline not in models:
+        raise ConfigError(
+            f"evaluate.baseline: {p.evaluate.baseline!r} is not one of {sorted(models)}"
+        )
+    ids = eval_ids(p)
+    results = {name: measure(name, eval_job(p, path, ids)) for name, path in models.items()}
+    base_text = None
+    if p.evaluate.text:
+        base_text = measure("base LLM (text only)", eval_job(p, BASE, None, visual=False))["text"]
+    add_comparisons(results, base_text, p.evaluate.baseline)
+    curve = prune_curve(p) if p.evaluate.prune_curve else []
+    write_json(
+        METRICS,
+        {
+            "models": results,
+            "base_text": base_text,
+            "baseline": p.evaluate.baseline,
+            "prune_curve": curve,
+        },
+    )
+    write_csv(
+        ACCURACY_CSV,
+        [
+            {
+                "model": name,
+                "kind": kind,
+                "accuracy": row["accuracy"],
+                "blind": row["blind"],
+                "chance": row["chance"],
+            }
+            for name, r in results.items()
+            for kind, row in r["visual"].items()
+        ],
+    )
+    write_csv(
+        CURVE_CSV,
+        [{"layers_removed": r["layers_removed"], "accuracy": r["accuracy"]} for r in curve],
+    )
+    accuracy_chart({n: r["visual"] for n, r in results.items()}, ACCURACY_PNG)
+    if curve:
+        line_chart(
+            {"tuned model": ([r["layers_removed"] for r in curve], [r["accuracy"] for r in curve])},
+            CURVE_PNG,
+            xlabel="layers removed (outside the region)",
+            ylabel="visual accuracy",
+            title="Accuracy as layers are pruned",
+        )
+    for name, r in results.items():
+        v = r["visual"]["overall"]
+        print(
+            f"{name}: accuracy {v['accuracy']:.3f} (blind {v['blind']:.3f}), {r['num_layers']} layers"
+        )
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage(evaluate, __doc__))

@@ -1,0 +1,115 @@
+"""prune: remove the least important LLM layers outside the visual region (models/pruned/).
+
+Ranks the tuned model's layers by angular distance (or block influence) on held-out visual
+questions, removes the `prune.layers` lowest outside the region (or `prune.explicit`), and saves
+an ordinary HF checkpoint with fewer layers. Region layers are never removed. Healing (a short
+LoRA pass on the remaining region) is optional and off by default, as in the paper.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+
+from prefect import flow
+
+from stages._common import run_stage, write_json
+from stages.finetune import region_layers
+from vregion.config import ConfigError, Params, load_params
+from vregion.data.records import read_jsonl
+from vregion.devices import pick_device, resolve_precision
+from vregion.eval.speed import parameter_count
+from vregion.eval.visual import stratified
+from vregion.models.base import save_checkpoint
+from vregion.models.layer_map import layer_map
+from vregion.models.loading import load_lvlm
+from vregion.plots import layer_scores_chart
+from vregion.prune import plan_pruning, prune_llm_layers
+from vregion.region.scores import score_layers
+from vregion.train.loop import ImageSet, batches_of, train_steps
+from vregion.train.selective import LoraSettings, make_region_trainable, trainable_groups
+
+TUNED = "models/tuned/merged"
+DATA = "data"
+OUT = "models/pruned"
+METRICS = "metrics/prune.json"
+CHART = "reports/plots/prune_scores.png"
+
+
+def heal(model, processor, region_after: list[int], p: Params, device):
+    """A short LoRA pass on the pruned model's region (and projector), merged back."""
+    f = p.finetune
+    lora = LoraSettings(r=f.lora_r, alpha=f.lora_alpha, dropout=f.lora_dropout)
+    model = make_region_trainable(model, region_after, mode="lora", lora=lora)
+    train = ImageSet.load(list(read_jsonl(f"{DATA}/train/vqa.jsonl")), DATA)
+    curve = train_steps(
+        model,
+        processor,
+        train,
+        trainable_groups(model, projector_lr=f.projector_lr, llm_lr=p.prune.heal_lr),
+        steps=p.prune.heal_steps,
+        batch_size=f.batch_size,
+        warmup_ratio=f.warmup_ratio,
+        system_prompt=p.model.system_prompt,
+        precision=resolve_precision(f.precision, device),
+        device=device,
+        seed=p.model.seed,
+        desc="healing",
+    )
+    return model.merge_and_unload(), curve
+
+
+@flow(name="prune", log_prints=True)
+def prune(params: str = "params.yaml") -> dict:
+    p = load_params(params)
+    region = region_layers()
+    device = pick_device()
+    model, processor = load_lvlm(TUNED)
+    model.to(device).eval()
+    num_layers = layer_map(model).num_layers
+    params_before = parameter_count(model)
+    samples = stratified(list(read_jsonl(f"{DATA}/eval/vqa.jsonl")), p.prune.samples, p.model.seed)
+    data = ImageSet.load(samples, DATA)
+    batches = list(batches_of(processor, data, p.model.system_prompt, p.prune.batch_size))
+    scores = score_layers(model, batches, [p.prune.scorer])[p.prune.scorer]
+    try:
+        plan = plan_pruning(scores, region, p.prune.layers, p.prune.explicit)
+    except ValueError as err:
+        field = "prune.explicit" if p.prune.explicit is not None else "prune.layers"
+        raise ConfigError(f"{field}: {err}") from None
+    ranking = sorted(
+        (i for i in range(num_layers) if i not in set(region)), key=lambda i: (scores[i], i)
+    )
+    prune_llm_layers(model, plan.removed)
+    region_after = [plan.kept.index(i) for i in region]
+    heal_curve = []
+    if p.prune.heal_steps:
+        model, heal_curve = heal(model, processor, region_after, p, device)
+    shutil.rmtree(OUT, ignore_errors=True)
+    save_checkpoint(model.to("cpu"), processor, OUT)
+    layer_scores_chart(
+        {p.prune.scorer: scores},
+        region,
+        CHART,
+        title=f"{p.prune.scorer} of the tuned model (orange: region; removed: {plan.removed})",
+    )
+    metrics = {
+        **plan.to_dict(),
+        "scorer": p.prune.scorer,
+        "scores": [round(s, 6) for s in scores],
+        "ranking_outside_region": ranking,
+        "region": region,
+        "region_after_pruning": region_after,
+        "parameters_before": params_before,
+        "parameters_after": parameter_count(model),
+        "healing_steps": p.prune.heal_steps,
+        "healing_final_loss": heal_curve[-1]["loss"] if heal_curve else None,
+        "scored_on": f"{len(data)} held-out questions",
+    }
+    write_json(METRICS, metrics)
+    print(f"pruned layers {plan.removed} ({plan.reason}); {len(plan.kept)} of {num_layers} remain")
+    return metrics
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage(prune, __doc__))
