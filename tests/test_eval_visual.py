@@ -132,3 +132,24 @@ def test_accuracy_table_and_stratified_subset(eval_set):
     counts = {k: sum(s.kind == k for s in picked) for k in available}
     assert len(picked) == 12 and len({s.id for s in picked}) == 12
     assert all(counts[k] >= min(2, available[k]) for k in available)  # round robin over kinds
+
+
+def test_open_answers_score_by_normalized_exact_match(tiny, eval_set):
+    """LLaVA-format records have no choices: greedy answers, matched after normalizing."""
+    from vregion.eval.visual import generated_answers, open_answer_accuracy
+
+    model, processor = tiny
+    kw = dict(batch_size=4, precision="fp32", device=torch.device("cpu"))
+    said = generated_answers(model, processor, eval_set, SYSTEM, max_new_tokens=16, **kw)
+    planted = 5  # gold = what the model says (re-cased, with a full stop) for the first 5 only
+    samples = [
+        with_answer(s, f"{a.strip().upper()}." if i < planted else "no such answer")
+        for i, (s, a) in enumerate(zip(eval_set.samples, said, strict=True))
+    ]
+    for s in samples:
+        s.choices = None
+    data = ImageSet(samples, eval_set.images)
+    result = open_answer_accuracy(model, processor, data, SYSTEM, **kw)
+    assert result["n"] == len(samples)
+    assert result["accuracy"] == round(planted / len(samples), 4)
+    assert 0 <= result["blind"] <= 1

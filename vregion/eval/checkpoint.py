@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from vregion.data.encode import prompt_batch
 from vregion.data.records import read_jsonl
 from vregion.data.text_skill import read_text_set, score_text_skill
 from vregion.devices import peak_memory_mb, pick_device, resolve_precision
 from vregion.eval.speed import generation_speed, parameter_count, size_on_disk
-from vregion.eval.visual import open_answer_accuracy, prompt_inputs, visual_accuracy
+from vregion.eval.visual import open_answer_accuracy, visual_accuracy
 from vregion.train.loop import ImageSet
 
 
@@ -97,7 +98,8 @@ def evaluate_checkpoint(job: EvalJob) -> dict:
         }
     if vqa is not None and job.speed_repeats > 0:
         n = min(job.speed_batch, len(vqa))
-        batch = prompt_inputs(processor, vqa.samples[:n], vqa.images[:n], job.system_prompt)
+        # left-padded, as generation needs
+        batch = prompt_batch(processor, vqa.samples[:n], vqa.images[:n], job.system_prompt)
         out["speed"] = generation_speed(
             model,
             batch,
@@ -115,10 +117,6 @@ def evaluate_isolated(job: EvalJob) -> dict:
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
         return pool.submit(evaluate_checkpoint, job).result()
-
-
-def job_dict(job: EvalJob) -> dict:
-    return asdict(job)
 
 
 def checkpoint_exists(path: str | Path) -> bool:
