@@ -203,26 +203,16 @@ def visual_accuracy(
     seed: int = 0,
 ) -> dict:
     """Per kind and overall: accuracy with the right images, blind accuracy, chance, n."""
-    seeing = predict_choices(
-        model,
-        processor,
-        data,
-        system_prompt,
-        batch_size=batch_size,
-        precision=precision,
-        device=device,
-        desc="visual eval",
-    )
+    ask = dict(batch_size=batch_size, precision=precision, device=device)
+    seeing = predict_choices(model, processor, data, system_prompt, desc="visual eval", **ask)
     blind = predict_choices(
         model,
         processor,
         data,
         system_prompt,
-        batch_size=batch_size,
-        precision=precision,
-        device=device,
         images=shuffled_images(data, seed),
         desc="blind control",
+        **ask,
     )
     table = accuracy_table(data.samples, seeing)
     blind_table = accuracy_table(data.samples, blind)
