@@ -4,9 +4,10 @@
     python benchmarks/prune_speed.py --tiny               # smoke run: a tiny random LLaVA built from config
     python benchmarks/prune_speed.py --prune 0 1 2 4 --batch-size 4 --prompt-len 64 --new-tokens 32
 
-Which layers go (the speed hardly depends on which, all layers cost the same): the k lowest
-`angular_distance` layers in `--scores` (reports/layer_scores.json) outside the region in
-`--region` (reports/region.json), as the prune stage does. Without scores the last-but-one
+Which layers go (the speed hardly depends on which, all layers cost the same): the k lowest-scoring
+layers outside the region in `--region` (reports/region.json), by the scores the prune stage
+measured on the tuned model (`--scores`, metrics/prune.json), or the probe's angular_distance
+when given a reports/layer_scores.json. Without scores the last-but-one
 layers go first (L-2, L-3, ...; deep layers are the most redundant, the last one is not);
 without a region file no layer is protected. `--tiny` uses neither file.
 
@@ -65,12 +66,16 @@ def read_region(path: Path, num_layers: int) -> list[int]:
 
 
 def read_scores(path: Path | None, num_layers: int) -> tuple[list[float], str]:
-    """Angular distance per layer from layer_scores.json, else scores that rank the last-but-one
-    layers lowest (L-2 first, then L-3, ...; the last layer last)."""
+    """Scores per layer from the prune stage's metrics/prune.json (its `scorer`, on the tuned
+    model) or the probe's layer_scores.json (angular_distance), else scores that rank the
+    last-but-one layers lowest (L-2 first, then L-3, ...; the last layer last)."""
     if path is not None and path.is_file():
-        scores = json.loads(path.read_text()).get("scores", {}).get("angular_distance")
+        saved = json.loads(path.read_text())
+        scores, scorer = saved.get("scores"), saved.get("scorer", "angular_distance")
+        if isinstance(scores, dict):  # layer_scores.json: every probe scorer
+            scores = scores.get("angular_distance")
         if scores is not None and len(scores) == num_layers:
-            return list(scores), f"angular_distance from {path}"
+            return list(scores), f"{scorer} from {path}"
     depth_first = [float(num_layers - 1 - i) for i in range(num_layers)]
     depth_first[-1] = float(num_layers)
     return depth_first, "last-but-one layers first (no angular_distance scores)"
@@ -141,7 +146,11 @@ def main() -> int:
     p.add_argument("--tiny-arch", default="llava", help="architecture of the --tiny model")
     p.add_argument("--tiny-layers", type=int, default=8, help="LLM layers of the --tiny model")
     p.add_argument("--region", default="reports/region.json", help="layers never pruned")
-    p.add_argument("--scores", default="reports/layer_scores.json", help="angular_distance")
+    p.add_argument(
+        "--scores",
+        default="metrics/prune.json",
+        help="layer scores: metrics/prune.json (prune stage) or reports/layer_scores.json",
+    )
     p.add_argument("--prune", type=int, nargs="+", default=[0, 1, 2, 4], help="k values")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per sequence")

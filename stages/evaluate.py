@@ -133,7 +133,7 @@ def add_comparisons(results: dict, base_text: dict | None, baseline: str | None)
 @flow(name="evaluate", log_prints=True)
 def evaluate(params: str = "params.yaml") -> dict:
     p = load_params(params)
-    models = {**MODELS, **p.evaluate.extra_models}
+    models = {**{n: MODELS[n] for n in p.evaluate.models}, **p.evaluate.extra_models}
     missing = {n: d for n, d in models.items() if not checkpoint_exists(d)}
     if missing:
         raise FileNotFoundError(

@@ -1,9 +1,9 @@
-"""probe: score every LLM layer and choose the visual region (reports/region.json).
+"""probe: score every LLM layer (reports/layer_scores.json); the region stage then chooses.
 
 Optionally tunes all layers briefly first (LoRA + projector), as the paper computes its
 importance scores on a model tuned on all layers; `parameter_change` compares those tuned
-weights with the aligned ones. Writes the per-layer scores (JSON and a CSV plot), the region
-with the rule that chose it, and a chart of every score with the region marked.
+weights with the aligned ones. Writes the per-layer scores as JSON and as a CSV plot. The
+region is not chosen here, so that every region strategy and size shares these scores.
 """
 
 from __future__ import annotations
@@ -16,14 +16,12 @@ import torch
 from prefect import flow
 
 from stages._common import run_stage, write_csv, write_json
-from vregion.config import ConfigError, load_params
+from vregion.config import load_params
 from vregion.data.records import read_jsonl
 from vregion.devices import pick_device, resolve_precision
 from vregion.models.layer_map import layer_map
 from vregion.models.loading import load_lvlm
-from vregion.plots import layer_scores_chart
 from vregion.region.scores import score_layers
-from vregion.region.select import choose_region, layer_count
 from vregion.train.loop import ImageSet, batches_of, train_steps
 from vregion.train.selective import LoraSettings, make_region_trainable, trainable_groups
 
@@ -31,8 +29,6 @@ ALIGNED = "models/aligned"
 DATA = "data"
 SCORES = "reports/layer_scores.json"
 SCORES_CSV = "reports/layer_scores.csv"
-REGION = "reports/region.json"
-CHART = "reports/plots/layer_scores.png"
 METRICS = "metrics/probe.json"
 
 
@@ -74,11 +70,6 @@ def probe(params: str = "params.yaml") -> dict:
     device = pick_device()
     model, processor = load_lvlm(ALIGNED)
     model.to(device)
-    if p.region.size is not None and p.region.strategy not in ("list", "all"):
-        try:  # a bad size fails now, not after minutes of probe tuning and scoring
-            layer_count(layer_map(model).num_layers, p.region.size)
-        except ValueError as err:
-            raise ConfigError(f"region.size: {err}") from None
     data = probe_subset(p.probe.samples, p.model.seed)
     scored, reference, curve = model, None, []
     if p.probe.tune_steps > 0:
@@ -88,16 +79,6 @@ def probe(params: str = "params.yaml") -> dict:
     batches = list(batches_of(processor, data, p.model.system_prompt, p.probe.batch_size))
     scores = score_layers(scored, batches, p.probe.scorers, reference_model=reference)
     num_layers = layer_map(model).num_layers
-    r = p.region
-    choice = choose_region(
-        num_layers,
-        r.strategy,
-        r.size,
-        scores=scores,
-        most_important=r.most_important,
-        seed=r.seed,
-        layers=r.layers,
-    )
     write_json(
         SCORES,
         {
@@ -110,31 +91,19 @@ def probe(params: str = "params.yaml") -> dict:
             "scores": scores,
         },
     )
-    write_json(REGION, choice.to_dict())
     rows = [
-        {
-            "layer": i,
-            **{k: round(v[i], 6) for k, v in scores.items()},
-            "selected": int(i in choice.layers),
-        }
-        for i in range(num_layers)
+        {"layer": i, **{k: round(v[i], 6) for k, v in scores.items()}} for i in range(num_layers)
     ]
     write_csv(SCORES_CSV, rows)
-    layer_scores_chart(
-        {k: scores[k] for k in p.probe.scorers},
-        choice.layers,
-        CHART,
-        title=f"Layer scores ({len(choice.layers)}/{num_layers} selected: {choice.strategy})",
-    )
     metrics = {
         "num_layers": num_layers,
-        "region": choice.layers,
-        "region_size": len(choice.layers),
-        "strategy": choice.strategy,
+        "scorers": list(scores),
         "probe_tune_final_loss": curve[-1]["loss"] if curve else None,
     }
     write_json(METRICS, metrics)
-    print(f"region: {choice.layers} ({choice.rule})")
+    for name, values in scores.items():
+        top = sorted(range(num_layers), key=lambda i: -values[i])[:5]
+        print(f"{name}: highest-scoring layers {top}")
     return metrics
 
 

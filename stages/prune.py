@@ -63,25 +63,28 @@ def heal(model, processor, region_after: list[int], p: Params, device):
 def prune(params: str = "params.yaml") -> dict:
     p = load_params(params)
     region = region_layers()
+    protected = region if p.prune.protect is None else p.prune.protect
     device = pick_device()
     model, processor = load_lvlm(TUNED)
     model.to(device).eval()
     num_layers = layer_map(model).num_layers
+    if any(not 0 <= i < num_layers for i in protected):
+        raise ConfigError(f"prune.protect: {protected} has layers outside 0..{num_layers - 1}")
     params_before = parameter_count(model)
     samples = stratified(list(read_jsonl(f"{DATA}/eval/vqa.jsonl")), p.prune.samples, p.model.seed)
     data = ImageSet.load(samples, DATA)
     batches = list(batches_of(processor, data, p.model.system_prompt, p.prune.batch_size))
     scores = score_layers(model, batches, [p.prune.scorer])[p.prune.scorer]
     try:
-        plan = plan_pruning(scores, region, p.prune.layers, p.prune.explicit)
+        plan = plan_pruning(scores, protected, p.prune.layers, p.prune.explicit)
     except ValueError as err:
         field = "prune.explicit" if p.prune.explicit is not None else "prune.layers"
         raise ConfigError(f"{field}: {err}") from None
     ranking = sorted(
-        (i for i in range(num_layers) if i not in set(region)), key=lambda i: (scores[i], i)
+        (i for i in range(num_layers) if i not in set(protected)), key=lambda i: (scores[i], i)
     )
     prune_llm_layers(model, plan.removed)
-    region_after = [plan.kept.index(i) for i in region]
+    region_after = [plan.kept.index(i) for i in region if i in plan.kept]
     heal_curve = []
     if p.prune.heal_steps:
         model, heal_curve = heal(model, processor, region_after, p, device)
@@ -89,9 +92,9 @@ def prune(params: str = "params.yaml") -> dict:
     save_checkpoint(model.to("cpu"), processor, OUT)
     layer_scores_chart(
         {p.prune.scorer: scores},
-        region,
+        protected,
         CHART,
-        title=f"{p.prune.scorer} of the tuned model (orange: region; removed: {plan.removed})",
+        title=f"{p.prune.scorer} of the tuned model (orange: protected; removed: {plan.removed})",
     )
     metrics = {
         **plan.to_dict(),
@@ -99,6 +102,7 @@ def prune(params: str = "params.yaml") -> dict:
         "scores": [round(s, 6) for s in scores],
         "ranking_outside_region": ranking,
         "region": region,
+        "protected": protected,
         "region_after_pruning": region_after,
         "parameters_before": params_before,
         "parameters_after": parameter_count(model),

@@ -110,11 +110,10 @@ def summary(p) -> str:
     align = read("metrics/align.json") if Path("metrics/align.json").is_file() else {}
     models = ev["models"]
     n = prune["num_layers_before"]
-    tuned = models["tuned"]["visual"]["overall"]
     parts = [
         "# vregion run summary",
-        f"Base model: `{p.model.base}`. Stages: prepare → align → probe → finetune → prune → "
-        "evaluate → report (`dvc repro`). Every figure below is read from `metrics/*.json`.",
+        f"Base model: `{p.model.base}`. Stages: prepare → align → probe → region → finetune → "
+        "prune → evaluate → report (`dvc repro`). Every figure below is read from `metrics/*.json`.",
         "## Visual region",
         f"{len(region['layers'])} of {n} LLM layers ({100 * len(region['layers']) / n:.0f}%), "
         f"strategy `{region['strategy']}`: **{region['layers']}**. Rule: {region.get('rule', '')}",
@@ -160,8 +159,14 @@ def summary(p) -> str:
         "![prune scores](plots/prune_scores.png)",
         "## Visual accuracy",
         visual_section(models, ev.get("baseline")),
-        f"The tuned model answers {tuned['accuracy']:.3f} with the right images against "
-        f"{tuned['blind']:.3f} blind (chance {tuned['chance']:.3f}).",
+    ]
+    if "tuned" in models:
+        tuned = models["tuned"]["visual"]["overall"]
+        parts.append(
+            f"The tuned model answers {tuned['accuracy']:.3f} with the right images against "
+            f"{tuned['blind']:.3f} blind (chance {tuned['chance']:.3f})."
+        )
+    parts += [
         "![accuracy per kind](plots/eval_accuracy.png)",
     ]
     if ev.get("prune_curve"):

@@ -1,8 +1,9 @@
 """The real pipeline under real DVC and Prefect, in a temporary git repo, on the embedded-tiny model.
 
 Checks the contract users rely on: `dvc repro` builds every stage (base → prepare → align →
-probe → finetune → prune → evaluate → report); a second `dvc repro` does nothing; changing a
-`finetune` param reruns only finetune and what depends on it; every stage ran as a Completed
+probe → region → finetune → prune → evaluate → report); a second `dvc repro` does nothing;
+changing a `finetune` param reruns only finetune and what depends on it, a `region` param
+reruns neither probe nor anything upstream; every stage ran as a Completed
 Prefect flow run; every checkpoint loads with plain transformers (the adapter with plain peft);
 the metrics agree with each other and with the report.
 """
@@ -17,7 +18,17 @@ import pytest
 import yaml
 from pipeline_repo import DVC, TINY_PARAMS, make_pipeline_repo, pipeline_env, run
 
-STAGES = ("base", "prepare", "align", "probe", "finetune", "prune", "evaluate", "report")
+STAGES = (
+    "base",
+    "prepare",
+    "align",
+    "probe",
+    "region",
+    "finetune",
+    "prune",
+    "evaluate",
+    "report",
+)
 
 
 def _run(cmd: list[str], cwd: Path, env: dict, timeout: int = 600) -> str:
@@ -62,7 +73,7 @@ def test_second_repro_does_nothing_and_a_param_reruns_only_its_stage(pipeline_re
     params["finetune"]["steps"] = 4
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = _run([*dvc, "repro"], repo, env, timeout=900)
-    for stage in ("base", "prepare", "align", "probe"):
+    for stage in ("base", "prepare", "align", "probe", "region"):
         assert f"Running stage '{stage}'" not in changed
     for stage in ("finetune", "prune", "evaluate", "report"):  # all read the tuned model
         assert f"Running stage '{stage}'" in changed

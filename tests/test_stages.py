@@ -129,16 +129,32 @@ def test_prepare_quarantines_bad_llava_records_and_keeps_valid_ones(
     assert on_disk["synthetic"]["train_captions"] == 12
 
 
-def test_probe_refuses_a_region_larger_than_the_model_before_any_work(
-    tmp_path, monkeypatch, tiny_embedded_dir, prefect_harness
+def test_region_refuses_a_region_larger_than_the_model_and_writes_nothing(
+    tmp_path, monkeypatch, prefect_harness
 ):
-    from stages.probe import probe
+    from stages.region import region
     from vregion.config import ConfigError
 
-    base, _ = tiny_embedded_dir
-    shutil.copytree(base, tmp_path / "models" / "aligned")
+    (tmp_path / "reports").mkdir()
+    scores = {"block_influence": [0.1, 0.4, 0.2, 0.3]}
+    (tmp_path / "reports/layer_scores.json").write_text(
+        json.dumps({"num_layers": 4, "scores": scores})
+    )
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"region": {"size": 9}}))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=r"region.size: .*the LLM has 4 layers"):
-        probe(params="params.yaml")
-    assert not (tmp_path / "reports").exists()
+        region(params="params.yaml")
+    assert not (tmp_path / "reports/region.json").exists()
+    # a scorer the probe did not run is named, and a valid top-k choice reads the scores
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump({"region": {"strategy": "topk:angular_distance", "size": 2}})
+    )
+    with pytest.raises(ConfigError, match="angular_distance"):
+        region(params="params.yaml")
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump({"region": {"strategy": "topk:block_influence", "size": 2}})
+    )
+    metrics = region(params="params.yaml")
+    assert metrics["region"] == [1, 3] and metrics["region_percent"] == 50.0
+    chosen = json.loads((tmp_path / "reports/region.json").read_text())
+    assert chosen["layers"] == [1, 3] and chosen["scorer"] == "block_influence"

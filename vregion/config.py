@@ -229,6 +229,9 @@ class PruneConfig(Section):
     """How many layers to remove: the least important outside the region (paper: 1-4)."""
     explicit: list[int] | None = None
     """Remove exactly these layers instead of ranking (region layers are refused)."""
+    protect: list[int] | None = None
+    """Layers never removed; null: the tuned region (reports/region.json). For the paper's
+    comparison, an all-layer-tuned model is pruned outside the uniform region's layers."""
     scorer: Literal["angular_distance", "block_influence"] = "angular_distance"
     """Importance measure on visual eval data; low = the layer changes its input least."""
     samples: int = Field(64, ge=1)
@@ -262,6 +265,8 @@ class EvaluateConfig(Section):
     """Layers removed (by the prune ranking) for the accuracy-vs-layers-removed curve; [] skips it."""
     curve_samples: int | None = Field(300, ge=6)
     """Held-out questions per point of that curve."""
+    models: list[Literal["aligned", "tuned", "pruned"]] = ["aligned", "tuned", "pruned"]
+    """Which of the pipeline's models to measure (a sweep measures the aligned model once)."""
     extra_models: dict[str, str] = {}
     """More checkpoints to measure, name -> directory (e.g. `all-layer: path/to/merged`)."""
     baseline: str | None = None

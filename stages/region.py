@@ -1,0 +1,71 @@
+"""region: choose the visual region from the probe's layer scores (reports/region.json).
+
+A stage of its own so that changing `region` (a strategy sweep, a size sweep) reruns only this
+second-long step and what follows; the probe's minutes of scoring are shared through the DVC
+cache. Writes the region with the rule that chose it, and a chart of every score with the
+region marked.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from prefect import flow
+
+from stages._common import run_stage, write_json
+from vregion.config import ConfigError, load_params
+from vregion.plots import layer_scores_chart
+from vregion.region.select import choose_region
+
+SCORES = "reports/layer_scores.json"
+REGION = "reports/region.json"
+CHART = "reports/plots/layer_scores.png"
+METRICS = "metrics/region.json"
+
+
+@flow(name="region", log_prints=True)
+def region(params: str = "params.yaml") -> dict:
+    p = load_params(params)
+    if not Path(SCORES).is_file():
+        raise FileNotFoundError(f"{SCORES} not found: run `dvc repro probe` first")
+    probed = json.loads(Path(SCORES).read_text())
+    num_layers, scores = probed["num_layers"], probed["scores"]
+    r = p.region
+    try:
+        choice = choose_region(
+            num_layers,
+            r.strategy,
+            r.size,
+            scores=scores,
+            most_important=r.most_important,
+            seed=r.seed,
+            layers=r.layers,
+        )
+    except ValueError as err:
+        field = "region.layers" if r.strategy == "list" else "region.size"
+        if r.strategy.startswith("topk:"):
+            field = "region"  # the size, or a scorer the probe did not run: the message says
+        raise ConfigError(f"{field}: {err} (the LLM has {num_layers} layers)") from None
+    write_json(REGION, choice.to_dict())
+    layer_scores_chart(
+        scores,
+        choice.layers,
+        CHART,
+        title=f"Layer scores ({len(choice.layers)}/{num_layers} selected: {choice.strategy})",
+    )
+    metrics = {
+        "num_layers": num_layers,
+        "region": choice.layers,
+        "region_size": len(choice.layers),
+        "region_percent": round(100 * len(choice.layers) / num_layers, 2),
+        "strategy": choice.strategy,
+    }
+    write_json(METRICS, metrics)
+    print(f"region: {choice.layers} ({choice.rule})")
+    return metrics
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage(region, __doc__))
