@@ -1,5 +1,6 @@
 # vregion: two commands on a fresh machine.
 #   make run    install everything into .venv and run the pipeline (dvc repro) on the embedded default
+#   make sweep  the paper's comparisons (strategies, sizes, pruning) as DVC experiments; rerun resumes
 #   make test   install everything into .venv and run the test suite
 # GPU users: make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 # (any CUDA build; the project only needs torch>=2.4 and never replaces the one you install).
@@ -25,7 +26,7 @@ export RAY_AUTH_MODE := disabled
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0  # keeps a local Ray on loopback
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test lint clean help
+.PHONY: install run sweep test lint clean help
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
@@ -42,6 +43,9 @@ $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 
 run: install  ## run the whole pipeline on the embedded default (dvc repro)
 	$(BIN)/dvc repro
+
+sweep: install  ## the paper's comparisons as DVC experiments (hours on 2 cores), then results/comparison.md
+	$(BIN)/python -m flows.sweep run
 
 test: install  ## run the test suite
 	$(BIN)/pytest $(PYTEST_ARGS)

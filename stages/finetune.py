@@ -74,6 +74,7 @@ def build_job(p: Params, layers: list[int]) -> FinetuneJob:
         seed=p.model.seed,
         checkpoint_every=f.checkpoint_every,
         train_vision=f.train_vision,
+        parallel=f.parallel,
     )
 
 
@@ -97,6 +98,7 @@ def train_metrics(result_metrics: dict, curve: list[dict], job: FinetuneJob, use
         "region": job.layers,
         "region_size": len(job.layers),
         "mode": job.mode,
+        "parallel": job.parallel if world > 1 else "none",
         "steps": len(curve),
         "world_size": world,
         "use_gpu": use_gpu,

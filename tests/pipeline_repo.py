@@ -70,7 +70,7 @@ def pipeline_env(repo: Path) -> dict:
 
 
 def make_pipeline_repo(repo: Path) -> Path:
-    for name in ("dvc.yaml", "params.yaml"):
+    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
         shutil.copy(ROOT / name, repo / name)
     for name in ("stages", "vregion"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))

@@ -183,3 +183,37 @@ def test_a_worker_that_dies_is_restarted_from_the_checkpoint(
     assert result.error is None
     # the restarted worker group went on from that checkpoint and finished the run
     assert result.metrics["resumed_from"] == 3 and result.metrics["step"] == job.steps
+
+
+def test_fsdp_shards_the_model_and_matches_ddp(ray_runtime, tiny_embedded_dir, vqa, tmp_path):
+    """`parallel: fsdp` on 2 CPU workers (gloo): the same training as DDP, unsharded
+    checkpoints, and a resume that restores the name-keyed optimizer state."""
+    from transformers import AutoModelForImageTextToText
+
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0}
+    tuned, resident = {}, {}
+    for parallel in ("ddp", "fsdp"):
+        job = _job(tiny_embedded_dir, vqa, mode="lora", lora=lora, steps=6, parallel=parallel)
+        result = run_finetune(job, name=parallel, local_dir=tmp_path / "runs", num_workers=2)
+        assert result.metrics["world_size"] == 2 and result.metrics["step"] == 6
+        resident[parallel] = result.metrics["worker_resident_params"]
+        info = export_tuned(job, result.checkpoint.path, tmp_path / parallel)
+        history = [row["loss"] for row in info["curve"]]
+        assert sum(history[-2:]) / 2 < sum(history[:2]) / 2, history
+        tuned[parallel] = AutoModelForImageTextToText.from_pretrained(
+            tmp_path / parallel / "merged"
+        ).state_dict()
+    # each FSDP worker holds about half of the parameters, a DDP worker all of them
+    assert resident["ddp"] == result.metrics["total_params"]
+    assert 0.45 < resident["fsdp"] / resident["ddp"] < 0.55, resident
+    before = AutoModelForImageTextToText.from_pretrained(job.aligned).state_dict()
+    changed = {k for k in before if not torch.equal(before[k], tuned["fsdp"][k])}
+    layers = "model.language_model.layers."
+    assert {int(k[len(layers) :].split(".")[0]) for k in changed if k.startswith(layers)} == {1, 3}
+    assert all(k.startswith(layers) or "multi_modal_projector" in k for k in changed)
+    for k in before:  # sharded or not, the same gradients and updates (up to float order)
+        assert torch.allclose(tuned["fsdp"][k], tuned["ddp"][k], atol=1e-5), k
+    # resume the FSDP run for 2 more steps: optimizer state goes back into the sharded model
+    job = _job(tiny_embedded_dir, vqa, mode="lora", lora=lora, steps=8, parallel="fsdp")
+    result = run_finetune(job, name="fsdp", local_dir=tmp_path / "runs", num_workers=2)
+    assert result.metrics["resumed_from"] == 6 and result.metrics["step"] == 8

@@ -211,6 +211,10 @@ class FinetuneConfig(Section):
     """`auto`: bf16 autocast on GPUs and on CPUs with native bf16, else fp32."""
     num_workers: int = Field(1, ge=1)
     """Ray Train workers (one per GPU; data is sharded across them, DDP keeps them in step)."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """With several workers: `ddp` (a full model copy per worker) or `fsdp` (parameters sharded
+    across workers, each LLM layer gathered only while it runs: for models that do not fit one
+    device). Checkpoints and exports are unsharded either way."""
     use_gpu: Literal["auto", True, False] = "auto"
     """Give each worker a GPU; `auto`: when this machine has CUDA."""
     checkpoint_every: int = Field(50, ge=1)

@@ -54,6 +54,8 @@ class FinetuneJob:
     seed: int = 0
     checkpoint_every: int = 25
     train_vision: bool = False
+    parallel: str = "ddp"
+    """How several workers share the model: `ddp` (a full copy each) or `fsdp` (sharded)."""
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -111,12 +113,21 @@ def finetune_worker(config: dict) -> None:
             {"optimizer": saved["optimizer"], "scheduler": saved["scheduler"]},
         )
         curve.extend(saved["curve"])
-    groups = trainable_groups(model, projector_lr=job.projector_lr, llm_lr=job.llm_lr)
-    trained = model
-    if world > 1:
+    sharded = world > 1 and job.parallel == "fsdp"
+    trained, load_optimizer = model, None
+    if sharded:  # sharding replaces the parameters: the optimizer groups come after it
+        from vregion.train import sharding
+
+        trained = model = sharding.shard_model(model)
+        load_optimizer = lambda opt, state: sharding.load_full_optimizer_state(model, opt, state)  # noqa: E731
+    elif world > 1:
         trained = ray.train.torch.prepare_model(
             model, parallel_strategy_kwargs={"find_unused_parameters": True}
         )
+    groups = trainable_groups(model, projector_lr=job.projector_lr, llm_lr=job.llm_lr)
+    from vregion.train.sharding import resident_params
+
+    counts["worker_resident_params"] = resident_params(model)
     precision = resolve_precision(job.precision, device)
 
     def on_step(row: dict, optimizer, scheduler) -> None:
@@ -132,12 +143,17 @@ def finetune_worker(config: dict) -> None:
             "world_size": world,
             "peak_memory_mb": round(peak_memory_mb(device), 1),
         }
+        if sharded:  # gathering the shards is a collective: every rank takes part
+            weights = sharding.full_trainable_state(model)
+            optimizer_state = sharding.full_optimizer_state(model, optimizer)
+        elif rank == 0:  # every rank holds the same weights (DDP); one copy is enough
+            weights, optimizer_state = trainable_state(model), optimizer.state_dict()
         with tempfile.TemporaryDirectory() as d:
-            if rank == 0:  # every rank holds the same weights (DDP); one copy is enough
+            if rank == 0:
                 torch.save(
                     {
-                        "weights": trainable_state(model),
-                        "optimizer": optimizer.state_dict(),
+                        "weights": weights,
+                        "optimizer": optimizer_state,
                         "scheduler": scheduler.state_dict(),
                         "step": row["step"],
                         "curve": curve,
@@ -166,6 +182,7 @@ def finetune_worker(config: dict) -> None:
         on_step=on_step,
         start_step=start_step,
         resume_state=resume,
+        load_optimizer=load_optimizer,
     )
 
 

@@ -124,19 +124,22 @@ def train_steps(
     on_step: Callable[[dict, torch.optim.Optimizer, object], None] | None = None,
     start_step: int = 0,
     resume_state: dict | None = None,
+    load_optimizer: Callable[[torch.optim.Optimizer, dict], None] | None = None,
 ) -> list[dict]:
     """Train `groups` (AdamW param groups with their own `lr`) for `steps` optimizer steps.
 
     Each step sees `batch_size * grad_accum` records, drawn in shuffled epochs. Returns one row
     per step: step, loss, lr of the first group, seconds. To resume, pass the `start_step` done
     and `resume_state` ({"optimizer", "scheduler"} state dicts); the data order continues where
-    it stopped. `on_step(row, optimizer, scheduler)` runs after every step (e.g. to checkpoint).
+    it stopped; `load_optimizer(optimizer, state)` replaces `optimizer.load_state_dict` (FSDP's
+    state is keyed by name). `on_step(row, optimizer, scheduler)` runs after every step (e.g.
+    to checkpoint).
     """
     params = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * steps), steps)
     if resume_state:
-        optimizer.load_state_dict(resume_state["optimizer"])
+        (load_optimizer or type(optimizer).load_state_dict)(optimizer, resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
     rng = random.Random(seed)
     order: list[int] = []

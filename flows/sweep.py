@@ -1,0 +1,281 @@
+"""The paper's comparisons as one command: a sweep of queued DVC experiments, then a report.
+
+    python -m flows.sweep run                       # every sweep (hours on 2 cores)
+    python -m flows.sweep run --sweeps sizes        # one sweep
+    python -m flows.sweep plan                      # the runs and their params; runs nothing
+    python -m flows.sweep report                    # the report from the runs finished so far
+
+What `run` does (a Prefect flow, `vregion-sweep`; each DVC stage inside is its own flow run):
+
+1. `dvc repro probe`: the stages every run shares (base, prepare, align, probe) are built once
+   and cached; their results give the layer count and the probe's scorers.
+2. The runs (`vregion/sweep.py`) whose experiment already exists on this commit with the same
+   params are reused; the others are queued (`dvc exp run --queue -n NAME -S ...`) and run
+   (`dvc exp run --run-all`). Inside each, DVC restores every stage whose inputs did not change
+   from its cache (the run-cache), so only `region` onwards runs, and a rerun after a new
+   commit restores finished runs instead of training again.
+3. `results/comparison.md` (+ `comparison.json`, `plots/`): per sweep, visual accuracy,
+   retention against all-layer tuning, text skill against the base LLM, s/step and its ratio,
+   trainable parameters; retention-vs-layers and pruning charts; the paper's figures beside
+   ours. Every number is read from the metrics files the experiments committed.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _key, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "DVC_NO_ANALYTICS": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import yaml  # noqa: E402
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+from flows.pipeline import PipelineError, _stream, child_env  # noqa: E402
+from vregion.compare import add_ratios, charts, claims, comparison_markdown, run_row  # noqa: E402
+from vregion.sweep import SWEEPS, Run, expected_params, plan_runs  # noqa: E402
+
+RESULTS = "results"
+METRIC_FILES = {
+    "eval": "metrics/eval.json",
+    "train": "metrics/train.json",
+    "region": "metrics/region.json",
+}
+COMMAND = "python -m flows.sweep run"
+
+
+def _git(repo: Path, *args: str) -> str:
+    out = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise PipelineError(f"`git {' '.join(args)}` failed in {repo}: {out.stderr.strip()}")
+    return out.stdout
+
+
+def _dvc(repo: Path, *args: str, timeout: float = 600) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "dvc", *args],
+        cwd=repo,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if out.returncode != 0:
+        raise PipelineError(f"`dvc {' '.join(args)}` failed: {(out.stdout + out.stderr)[-3000:]}")
+    return out.stdout
+
+
+def experiments(repo: Path) -> dict[str, str]:
+    """{experiment name: commit} for the experiments of the current commit (DVC keeps them as
+    git refs refs/exps/<baseline[:2]>/<baseline[2:]>/<name>)."""
+    head = _git(repo, "rev-parse", "HEAD").strip()
+    prefix = f"refs/exps/{head[:2]}/{head[2:]}/"
+    out = _git(repo, "for-each-ref", "--format=%(refname) %(objectname)", prefix)
+    return {ref[len(prefix) :]: rev for ref, rev in (line.split() for line in out.splitlines())}
+
+
+def read_committed(repo: Path, rev: str, path: str) -> dict | None:
+    """A JSON or YAML file as committed in `rev`, or None if it is not there."""
+    out = subprocess.run(
+        ["git", "show", f"{rev}:{path}"], cwd=repo, capture_output=True, text=True, timeout=60
+    )
+    if out.returncode != 0:
+        return None
+    return yaml.safe_load(out.stdout)
+
+
+def finished(repo: Path, runs: list[Run], base_params: dict) -> dict[str, str]:
+    """{run name: experiment commit} for runs whose experiment exists with the run's params
+    and every metrics file the report reads."""
+    done = {}
+    for name, rev in experiments(repo).items():
+        run = next((r for r in runs if r.name == name), None)
+        if run is None:
+            continue
+        if read_committed(repo, rev, "params.yaml") != expected_params(base_params, run):
+            continue
+        if all(read_committed(repo, rev, f) for f in METRIC_FILES.values()):
+            done[name] = rev
+    return done
+
+
+@task(name="shared-stages", cache_policy=NO_CACHE)
+def shared_stages(repo: str) -> dict:
+    """`dvc repro probe` (base, prepare, align, probe), then the probe's layer count and scorers."""
+    logger = get_run_logger()
+    cmd = [sys.executable, "-m", "dvc", "repro", "probe"]
+    code, tail = _stream(cmd, repo, child_env(), logger)
+    if code != 0:
+        raise PipelineError(f"`dvc repro probe` failed ({code}); last lines:\n{tail}")
+    scores = json.loads((Path(repo) / "reports" / "layer_scores.json").read_text())
+    return {"num_layers": scores["num_layers"], "scorers": list(scores["scores"])}
+
+
+@task(name="queue-and-run", cache_policy=NO_CACHE)
+def queue_and_run(repo: str, runs: list[Run], jobs: int) -> None:
+    """Queue every run as a DVC experiment, then run the queue (`dvc exp run --run-all`)."""
+    logger = get_run_logger()
+    path = Path(repo)
+    stale = set(experiments(path)) & {r.name for r in runs}
+    if stale:  # same name, other params: the old result must not be mistaken for this run
+        logger.info("replacing experiments with changed params: %s", sorted(stale))
+        _dvc(path, "exp", "remove", *sorted(stale))
+    _dvc(path, "queue", "remove", "--queued", "--failed")  # leftovers of an interrupted sweep
+    for run in runs:
+        args = [a for p in run.set_params() for a in ("-S", p)]
+        _dvc(path, "exp", "run", "--queue", "-n", run.name, *args)
+        logger.info("queued %s: %s", run.name, " ".join(run.set_params()))
+    cmd = [sys.executable, "-m", "dvc", "exp", "run", "--run-all", "--jobs", str(jobs)]
+    code, tail = _stream(cmd, repo, child_env(), logger)
+    if code != 0:
+        raise PipelineError(f"`dvc exp run --run-all` failed ({code}); last lines:\n{tail}")
+
+
+def write_report(repo: Path, runs: list[Run], done: dict[str, str], reference: dict) -> Path:
+    """results/comparison.{md,json} and results/plots/ from the finished runs."""
+    rows = {}
+    for run in runs:
+        if run.name in done:
+            metrics = {k: read_committed(repo, done[run.name], f) for k, f in METRIC_FILES.items()}
+            rows[run.name] = run_row(run.name, run.name, metrics, done[run.name])
+    baseline = rows.get("all-layers")
+    add_ratios(list(rows.values()), baseline)
+    by_label: dict[str, dict[str, dict]] = {s: {} for s in SWEEPS}
+    for run in runs:
+        for sweep, label in run.labels:
+            if run.name in rows:
+                by_label[sweep][label] = {**rows[run.name], "label": label}
+    out = repo / RESULTS
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    pictures = charts(by_label, out / "plots")
+    claim_rows = claims(by_label)
+    missing = [r.name for r in runs if r.name not in done]
+    markdown = comparison_markdown(by_label, claim_rows, pictures, reference, COMMAND, missing)
+    (out / "comparison.md").write_text(markdown)
+    (out / "comparison.json").write_text(
+        json.dumps(
+            {"runs": rows, "sweeps": by_label, "claims": claim_rows, "missing": missing},
+            indent=2,
+        )
+        + "\n"
+    )
+    return out / "comparison.md"
+
+
+def reference_figures(repo: Path) -> dict:
+    """The aligned model's accuracy and the base LLM's text skill from the main pipeline."""
+    path = repo / "metrics" / "eval.json"
+    if not path.is_file():
+        return {}
+    ev = json.loads(path.read_text())
+    ref = {}
+    aligned = ev.get("models", {}).get("aligned")
+    if aligned:
+        v = aligned["visual"]["overall"]
+        ref["aligned model (before tuning): visual accuracy"] = (
+            f"{v['accuracy']:.3f} (blind {v['blind']:.3f})"
+        )
+    if ev.get("base_text"):
+        ref["base LLM text MC accuracy"] = f"{ev['base_text']['mc_accuracy']:.3f}"
+    return ref
+
+
+@flow(name="vregion-sweep", log_prints=True)
+def sweep(
+    repo: str = ".", sweeps: list[str] | None = None, jobs: int = 1, run: bool = True
+) -> dict:
+    """Run the sweeps (default: all) as DVC experiments and write results/comparison.md.
+
+    repo: the DVC repo. sweeps: any of strategies, sizes, pruning. jobs: experiments run at a
+    time (1 on a 2-core machine). run: False only rebuilds the report from finished runs.
+    Returns {"finished": [...], "missing": [...], "report": path}.
+    """
+    path = Path(repo).resolve()
+    shape = shared_stages(str(path)) if run else _shape_from_scores(path)
+    runs = plan_runs(shape["num_layers"], shape["scorers"], sweeps)
+    base_params = yaml.safe_load((path / "params.yaml").read_text())
+    done = finished(path, runs, base_params)
+    todo = [r for r in runs if r.name not in done]
+    print(f"{len(runs)} runs: {len(done)} finished, {len(todo)} to run")
+    if run and todo:
+        queue_and_run(str(path), todo, jobs)
+        done = finished(path, runs, base_params)
+    report = write_report(path, runs, done, reference_figures(path))
+    create_markdown_artifact(
+        markdown=report.read_text(), key="vregion-comparison", description="the sweep's report"
+    )
+    missing = [r.name for r in runs if r.name not in done]
+    if run and missing:
+        raise PipelineError(f"runs that did not finish: {missing} (see the log above)")
+    return {"finished": sorted(done), "missing": missing, "report": str(report)}
+
+
+def _shape_from_scores(repo: Path) -> dict:
+    path = repo / "reports" / "layer_scores.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `dvc repro probe` or the sweep first")
+    scores = json.loads(path.read_text())
+    return {"num_layers": scores["num_layers"], "scorers": list(scores["scores"])}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.sweep",
+        description="The paper's comparisons (layer-selection strategies, region sizes, "
+        "pruning) as queued DVC experiments, then results/comparison.md.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,plan,report}")
+    for name, text in (
+        ("run", "run the missing runs, then write the report"),
+        ("plan", "print the runs and the params each sets; run nothing"),
+        ("report", "write the report from the runs finished so far"),
+    ):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("--repo", default=".", help="the DVC repo (default: .)")
+        p.add_argument(
+            "--sweeps", nargs="+", choices=SWEEPS, help="which sweeps (default: all three)"
+        )
+        if name == "run":
+            p.add_argument("--jobs", type=int, default=1, help="experiments at a time (default 1)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    repo = Path(args.repo).resolve()
+    try:
+        if args.command == "plan":
+            shape = _shape_from_scores(repo)
+            for r in plan_runs(shape["num_layers"], shape["scorers"], args.sweeps):
+                labels = ", ".join(f"{s}/{label}" for s, label in r.labels)
+                print(f"{r.name:<32} {labels}\n{'':<32} -S " + " -S ".join(r.set_params()))
+            return 0
+        result = sweep(
+            repo=str(repo),
+            sweeps=args.sweeps,
+            jobs=getattr(args, "jobs", 1),
+            run=args.command == "run",
+        )
+    except (PipelineError, FileNotFoundError) as err:
+        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 1
+    print(
+        f"wrote {result['report']}; finished: {len(result['finished'])}, missing: {result['missing']}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

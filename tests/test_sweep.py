@@ -1,0 +1,148 @@
+"""The comparison sweep: real queued DVC experiments in a temporary git repo, on embedded-tiny.
+
+One small sweep (`sizes` and `pruning` on a 4-layer LLM: the 1-layer uniform region, 2 layers,
+and all layers) runs for real; then the checks users rely on: `dvc exp show` lists every run
+with its params and metrics, the shared stages ran once (the experiments restored them from the
+DVC cache), the report's numbers are the ones in the committed metrics files, and a rerun
+reuses every finished run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import yaml
+from pipeline_repo import DVC, ROOT, make_pipeline_repo, pipeline_env, run
+
+from vregion.sweep import plan_runs
+
+
+def test_plan_shares_runs_between_sweeps_and_knows_every_strategy():
+    runs = plan_runs(30, ["block_influence", "angular_distance"])
+    names = [r.name for r in runs]
+    assert len(names) == len(set(names))
+    assert names[:2] == ["all-layers", "uniform"]
+    for name in ("bottom", "top", "middle", "bottom-top", "random", "top-block-influence"):
+        assert name in names
+    assert [n for n in names if n.startswith("uniform-")] == [
+        "uniform-1",
+        "uniform-2",
+        "uniform-4",
+        "uniform-16",
+    ]
+    by_name = {r.name: r for r in runs}
+    # 8 of 30 layers is the strategy sweep's uniform run: one run, three labels
+    assert by_name["uniform"].labels == [
+        ("strategies", "uniform"),
+        ("sizes", "8 layers"),
+        ("pruning", "region-tuned (uniform)"),
+    ]
+    # the all-layer model is pruned outside the uniform region, as in the paper
+    assert by_name["all-layers"].overrides["prune.protect"] == [1, 5, 9, 13, 16, 20, 24, 28]
+    assert by_name["top"].overrides["evaluate.prune_curve"] == []
+    assert 'region.strategy="topk:angular_distance"' in by_name["top-angular-distance"].set_params()
+    with pytest.raises(ValueError, match="unknown sweep"):
+        plan_runs(30, [], ["sizes", "nope"])
+
+
+def _flow_runs(repo, env) -> list[tuple[str, str]]:
+    script = (
+        "import asyncio\n"
+        "from prefect.client.orchestration import get_client\n"
+        "async def main():\n"
+        "    async with get_client() as c:\n"
+        "        runs = await c.read_flow_runs(limit=200)\n"
+        "        flows = {f.id: f.name for f in await c.read_flows()}\n"
+        "        for r in runs: print(flows[r.flow_id], r.state_type.value)\n"
+        "asyncio.run(main())\n"
+    )
+    out = run([sys.executable, "-c", script], repo, env)
+    return [tuple(line.split()) for line in out.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    repo = make_pipeline_repo(tmp_path_factory.mktemp("sweep"))
+    env = pipeline_env(repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "pipeline"], repo)
+    cmd = [sys.executable, "-m", "flows.sweep", "run", "--repo", str(repo)]
+    cmd += ["--sweeps", "sizes", "pruning"]
+    env["PYTHONPATH"] = str(ROOT)  # flows/ is not copied into the sandbox
+    first = run(cmd, repo, env, timeout=1800)
+    return repo, env, cmd, first
+
+
+def test_sweep_runs_every_experiment_and_shares_the_upstream_stages(swept):
+    repo, env, _, first = swept
+    assert "wrote" in first and "missing: []" in first
+    shown = json.loads(run([*DVC, "exp", "show", "--json"], repo, env))
+    exps = {
+        e["name"]: rev["data"]
+        for baseline in shown
+        for e in baseline.get("experiments") or []
+        for rev in e["revs"]
+    }
+    assert set(exps) == {"uniform", "uniform-2", "all-layers"}, list(exps)
+    for name, data in exps.items():
+        params = data["params"]["params.yaml"]["data"]
+        metrics = data["metrics"]
+        assert "metrics/eval.json" in metrics and "metrics/train.json" in metrics, name
+        strategy = params["region"]["strategy"]
+        assert strategy == ("all" if name == "all-layers" else "uniform")
+    regions = {
+        name: exps[name]["metrics"]["metrics/region.json"]["data"]["region_size"] for name in exps
+    }
+    assert regions == {"uniform": 1, "uniform-2": 2, "all-layers": 4}
+    seen = _flow_runs(repo, env)
+    count = {
+        name: sum(1 for n, s in seen if n == name and s == "COMPLETED")
+        for name in {n for n, _ in seen}
+    }
+    # base..probe ran once, before the experiments; each experiment ran region onwards itself
+    for stage in ("base", "prepare", "align", "probe"):
+        assert count.get(stage) == 1, count
+    for stage in ("region", "finetune", "evaluate"):
+        assert count.get(stage) == 3, count
+    assert ("vregion-sweep", "COMPLETED") in seen
+
+
+def test_report_numbers_are_the_committed_metrics(swept):
+    repo, _, _, _ = swept
+    result = json.loads((repo / "results" / "comparison.json").read_text())
+    markdown = (repo / "results" / "comparison.md").read_text()
+    assert result["missing"] == []
+    for name, row in result["runs"].items():
+        committed = yaml.safe_load(run(["git", "show", f"{row['rev']}:metrics/eval.json"], repo))
+        tuned = committed["models"]["tuned"]
+        train = yaml.safe_load(run(["git", "show", f"{row['rev']}:metrics/train.json"], repo))
+        assert row["accuracy"] == tuned["visual"]["overall"]["accuracy"], name
+        assert row["blind"] == tuned["visual"]["overall"]["blind"], name
+        assert row["text_mc_vs_base"] == tuned["text"]["mc_accuracy_vs_base"], name
+        assert row["seconds_per_step"] == train["seconds_per_step"], name
+        assert row["trainable_params"] == train["trainable_params"], name
+        assert f"{row['accuracy']:.3f} ± " in markdown
+        assert f"{row['trainable_params']:,} (" in markdown
+    runs = result["runs"]
+    base = runs["all-layers"]
+    assert runs["all-layers"]["retention_percent"] == 100.0
+    expected = round(100 * runs["uniform-2"]["accuracy"] / base["accuracy"], 1)
+    assert runs["uniform-2"]["retention_percent"] == expected
+    # region-tuned has fewer trainable parameters than all-layer tuning
+    assert runs["uniform"]["trainable_params"] < base["trainable_params"]
+    # both pruning curves, 0..3 layers outside the protected uniform region (1 of 4 layers)
+    for name in ("uniform", "all-layers"):
+        assert [c["layers_removed"] for c in runs[name]["prune_curve"]] == [0, 1, 2, 3]
+    assert (repo / "results" / "plots" / "pruning_curves.png").stat().st_size > 10_000
+    assert (repo / "results" / "plots" / "retention_vs_layers.png").stat().st_size > 10_000
+    assert "## The paper's claims" in markdown and "99.4%" in markdown
+
+
+def test_rerun_reuses_every_finished_run(swept):
+    repo, env, cmd, _ = swept
+    before = (repo / "results" / "comparison.json").read_text()
+    again = run(cmd, repo, env, timeout=600)
+    assert "3 runs: 3 finished, 0 to run" in again
+    assert (repo / "results" / "comparison.json").read_text() == before
