@@ -33,21 +33,24 @@ def region(params: str = "params.yaml") -> dict:
     probed = json.loads(Path(SCORES).read_text())
     num_layers, scores = probed["num_layers"], probed["scores"]
     r = p.region
+    # `all` and `list` say which layers themselves; the default amount (0.25) must not refuse them
+    amount = None if r.strategy in ("all", "list") else r.amount
     try:
         choice = choose_region(
             num_layers,
             r.strategy,
-            r.size,
+            amount,
             scores=scores,
             most_important=r.most_important,
             seed=r.seed,
             layers=r.layers,
         )
     except ValueError as err:
-        field = "region.layers" if r.strategy == "list" else "region.size"
+        field = "region.layers" if r.strategy == "list" else "region.amount"
         if r.strategy.startswith("topk:"):
-            field = "region"  # the size, or a scorer the probe did not run: the message says
-        raise ConfigError(f"{field}: {err} (the LLM has {num_layers} layers)") from None
+            field = "region"  # the amount, or a scorer the probe did not run: the message says
+        known = "" if "the LLM has" in str(err) else f" (the LLM has {num_layers} layers)"
+        raise ConfigError(f"{field}: {err}{known}") from None
     write_json(REGION, choice.to_dict())
     layer_scores_chart(
         scores,

@@ -140,21 +140,24 @@ def test_region_refuses_a_region_larger_than_the_model_and_writes_nothing(
     (tmp_path / "reports/layer_scores.json").write_text(
         json.dumps({"num_layers": 4, "scores": scores})
     )
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"region": {"size": 9}}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"region": {"amount": 9}}))
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match=r"region.size: .*the LLM has 4 layers"):
+    with pytest.raises(ConfigError, match=r"region.amount: .*the LLM has 4 layers"):
         region(params="params.yaml")
     assert not (tmp_path / "reports/region.json").exists()
     # a scorer the probe did not run is named, and a valid top-k choice reads the scores
     (tmp_path / "params.yaml").write_text(
-        yaml.safe_dump({"region": {"strategy": "topk:angular_distance", "size": 2}})
+        yaml.safe_dump({"region": {"strategy": "topk:angular_distance", "amount": 2}})
     )
     with pytest.raises(ConfigError, match="angular_distance"):
         region(params="params.yaml")
     (tmp_path / "params.yaml").write_text(
-        yaml.safe_dump({"region": {"strategy": "topk:block_influence", "size": 2}})
+        yaml.safe_dump({"region": {"strategy": "topk:block_influence", "amount": 2}})
     )
     metrics = region(params="params.yaml")
     assert metrics["region"] == [1, 3] and metrics["region_percent"] == 50.0
     chosen = json.loads((tmp_path / "reports/region.json").read_text())
     assert chosen["layers"] == [1, 3] and chosen["scorer"] == "block_influence"
+    # `all` takes every layer whatever the (default) size says
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"region": {"strategy": "all"}}))
+    assert region(params="params.yaml")["region"] == [0, 1, 2, 3]

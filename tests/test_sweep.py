@@ -137,7 +137,13 @@ def test_report_numbers_are_the_committed_metrics(swept):
         assert [c["layers_removed"] for c in runs[name]["prune_curve"]] == [0, 1, 2, 3]
     assert (repo / "results" / "plots" / "pruning_curves.png").stat().st_size > 10_000
     assert (repo / "results" / "plots" / "retention_vs_layers.png").stat().st_size > 10_000
-    assert "## The paper's claims" in markdown and "99.4%" in markdown
+    # the claims the sizes and pruning sweeps can check, with the paper's figures beside ours
+    assert "## The paper's claims" in markdown
+    claims = {c["claim"]: c for c in result["claims"]}
+    falls = claims["Retention falls as fewer layers are tuned (1 < 2 < 4 < 8)"]
+    assert falls["paper"] == "1: 91.9%, 2: 96.5%"
+    assert falls["ours"] == f"1: {runs['uniform']['retention_percent']:.1f}%, 2: {expected:.1f}%"
+    assert "Pruning outside the region hurts" in " ".join(claims)
 
 
 def test_rerun_reuses_every_finished_run(swept):

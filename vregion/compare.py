@@ -190,7 +190,11 @@ def claims(by_label: Mapping[str, Mapping[str, dict]]) -> list[dict]:
                     "verdict": gap_verdict(uniform, best),
                 }
             )
-    ours = {r["region_size"]: r["retention_percent"] for r in sizes.values()}
+    ours = {  # the paper's counts are of 32 layers; an all-layer run is not one of them
+        r["region_size"]: r["retention_percent"]
+        for r in sizes.values()
+        if r["region_size"] < r["num_layers"]
+    }
     shared = [k for k in PAPER_RETENTION_BY_LAYERS if k in ours and ours[k] is not None]
     if shared:
         out.append(

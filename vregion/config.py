@@ -161,8 +161,10 @@ class RegionConfig(Section):
 
     strategy: str = "uniform"
     """uniform | bottom | top | middle | bottom+top | random | list | all | topk:<scorer>."""
-    size: int | float = 0.25
-    """A fraction of the layers in (0, 1] (float) or a layer count (int)."""
+    amount: int | float = 0.25
+    """How many layers: a fraction in (0, 1] (float) or a count (int); `all` and `list` ignore
+    it. (Not called `size`: DVC leaves params named `size` out of its run-cache key, so a size
+    sweep would reuse the wrong results.)"""
     most_important: bool = True
     """For topk:<scorer>: take the highest-scoring layers (False: the lowest)."""
     layers: list[int] | None = None

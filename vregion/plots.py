@@ -110,3 +110,11 @@ def line_chart(
     ax.legend(fontsize=8)
     ax.set_title(title)
     return _save(fig, path)
+
+
+def note_chart(path: str | Path, text: str) -> Path:
+    """A picture that only says `text`: a declared plot output whose data was not asked for."""
+    fig, ax = plt.subplots(figsize=(7, 1.2))
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=10)
+    return _save(fig, path)

@@ -93,7 +93,7 @@ def plan_runs(
                     ("sizes", f"{n} layer{'s' if n > 1 else ''}", "uniform", region_tuned)
                 )
             else:
-                over = {"region.strategy": "uniform", "region.size": n}
+                over = {"region.strategy": "uniform", "region.amount": n}
                 wanted.append(("sizes", f"{n} layer{'s' if n > 1 else ''}", f"uniform-{n}", over))
         wanted.append(("sizes", f"{num_layers} layers (all)", "all-layers", all_tuned))
     if not sweeps or "pruning" in sweeps:
