@@ -77,13 +77,24 @@ def _dvc(repo: Path, *args: str, timeout: float = 600) -> str:
     return out.stdout
 
 
-def experiments(repo: Path) -> dict[str, str]:
+def experiments(repo: Path, any_baseline: bool = False) -> dict[str, str]:
     """{experiment name: commit} for the experiments of the current commit (DVC keeps them as
-    git refs refs/exps/<baseline[:2]>/<baseline[2:]>/<name>)."""
+    git refs refs/exps/<baseline[:2]>/<baseline[2:]>/<name>); with `any_baseline`, of any
+    commit, the current commit's first, then the newest."""
     head = _git(repo, "rev-parse", "HEAD").strip()
     prefix = f"refs/exps/{head[:2]}/{head[2:]}/"
-    out = _git(repo, "for-each-ref", "--format=%(refname) %(objectname)", prefix)
-    return {ref[len(prefix) :]: rev for ref, rev in (line.split() for line in out.splitlines())}
+    fmt = "--format=%(refname) %(objectname)"
+    out = _git(repo, "for-each-ref", "--sort=-committerdate", fmt, "refs/exps/")
+    found: dict[str, str] = {}
+    for line in out.splitlines():
+        ref, rev = line.split()
+        parts = ref.split("/")
+        if len(parts) != 5 or parts[-1] in ("exec", "celery", "temp"):
+            continue  # refs/exps/exec/..., refs/exps/celery/...: DVC's own bookkeeping
+        ours = ref.startswith(prefix)
+        if ours or (any_baseline and parts[-1] not in found):
+            found[parts[-1]] = rev
+    return found
 
 
 def read_committed(repo: Path, rev: str, path: str) -> dict | None:
@@ -96,11 +107,13 @@ def read_committed(repo: Path, rev: str, path: str) -> dict | None:
     return yaml.safe_load(out.stdout)
 
 
-def finished(repo: Path, runs: list[Run], base_params: dict) -> dict[str, str]:
+def finished(
+    repo: Path, runs: list[Run], base_params: dict, any_baseline: bool = False
+) -> dict[str, str]:
     """{run name: experiment commit} for runs whose experiment exists with the run's params
-    and every metrics file the report reads."""
+    and every metrics file the report reads (of this commit, or with `any_baseline` of any)."""
     done = {}
-    for name, rev in experiments(repo).items():
+    for name, rev in experiments(repo, any_baseline).items():
         run = next((r for r in runs if r.name == name), None)
         if run is None:
             continue
@@ -206,7 +219,9 @@ def sweep(
     shape = shared_stages(str(path)) if run else _shape_from_scores(path)
     runs = plan_runs(shape["num_layers"], shape["scorers"], sweeps)
     base_params = yaml.safe_load((path / "params.yaml").read_text())
-    done = finished(path, runs, base_params)
+    # `run` reuses only this commit's experiments (older ones rerun, their stages mostly from
+    # the DVC run-cache); `report` shows the newest finished run of each, whatever its commit.
+    done = finished(path, runs, base_params, any_baseline=not run)
     todo = [r for r in runs if r.name not in done]
     print(f"{len(runs)} runs: {len(done)} finished, {len(todo)} to run")
     if run and todo:

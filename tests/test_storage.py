@@ -217,3 +217,18 @@ def test_configure_dvc_remote_outside_a_repo_names_the_failed_command(tmp_path, 
         configure_dvc_remote(tmp_path, s3_settings)
     assert "dvc remote add" in str(info.value)
     assert s3_settings.secret_access_key not in str(info.value)
+
+
+def test_configure_dvc_remote_takes_keys_that_start_with_a_dash(tmp_path):
+    """Generated secrets (e.g. token_urlsafe) start with "-" one time in 64: not an option."""
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True)
+    settings = S3Settings(
+        bucket="vregion",
+        endpoint_url="http://127.0.0.1:9",
+        access_key_id="-key",
+        secret_access_key="-sec-ret",
+    )
+    configure_dvc_remote(tmp_path, settings)
+    local = (tmp_path / ".dvc" / "config.local").read_text()
+    assert "access_key_id = -key" in local and "secret_access_key = -sec-ret" in local

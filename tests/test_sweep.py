@@ -152,3 +152,8 @@ def test_rerun_reuses_every_finished_run(swept):
     again = run(cmd, repo, env, timeout=600)
     assert "3 runs: 3 finished, 0 to run" in again
     assert (repo / "results" / "comparison.json").read_text() == before
+    # after a new commit `report` still finds the finished runs (`run` would redo them,
+    # restoring their stages from the DVC run-cache)
+    run(["git", "commit", "--allow-empty", "-qm", "later"], repo)
+    shown = run([sys.executable, "-m", "flows.sweep", "report", "--repo", str(repo)], repo, env)
+    assert "finished: 3, missing: []" in shown

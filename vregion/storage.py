@@ -274,15 +274,17 @@ def configure_dvc_remote(
     """
     url = settings.url(subpath)
     steps: list[list[str]] = [["remote", "add", "--force", *(["-d"] if default else []), name, url]]
+    # `--` ends the options: a generated secret may well start with "-"
     if settings.endpoint_url:
-        steps.append(["remote", "modify", name, "endpointurl", settings.endpoint_url])
+        steps.append(["remote", "modify", "--", name, "endpointurl", settings.endpoint_url])
     if settings.region:
-        steps.append(["remote", "modify", name, "region", settings.region])
+        steps.append(["remote", "modify", "--", name, "region", settings.region])
     if settings.access_key_id and settings.secret_access_key:
-        steps.append(["remote", "modify", "--local", name, "access_key_id", settings.access_key_id])
-        steps.append(
-            ["remote", "modify", "--local", name, "secret_access_key", settings.secret_access_key]
-        )
+        for option, value in (
+            ("access_key_id", settings.access_key_id),
+            ("secret_access_key", settings.secret_access_key),
+        ):
+            steps.append(["remote", "modify", "--local", "--", name, option, value])
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
     for args in steps:
         result = subprocess.run(
