@@ -217,8 +217,11 @@ def sweep(
     """
     path = Path(repo).resolve()
     shape = shared_stages(str(path)) if run else _shape_from_scores(path)
-    runs = plan_runs(shape["num_layers"], shape["scorers"], sweeps)
     base_params = yaml.safe_load((path / "params.yaml").read_text())
+    # the scorers asked for in params (layer_scores.json also holds their parts, e.g. the
+    # image and text halves of multimodal_block_influence)
+    scorers = [x for x in base_params["probe"]["scorers"] if x in shape["scorers"]]
+    runs = plan_runs(shape["num_layers"], scorers, sweeps)
     # `run` reuses only this commit's experiments (older ones rerun, their stages mostly from
     # the DVC run-cache); `report` shows the newest finished run of each, whatever its commit.
     done = finished(path, runs, base_params, any_baseline=not run)
@@ -273,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "plan":
             shape = _shape_from_scores(repo)
-            for r in plan_runs(shape["num_layers"], shape["scorers"], args.sweeps):
+            asked = yaml.safe_load((repo / "params.yaml").read_text())["probe"]["scorers"]
+            scorers = [x for x in asked if x in shape["scorers"]]
+            for r in plan_runs(shape["num_layers"], scorers, args.sweeps):
                 labels = ", ".join(f"{s}/{label}" for s, label in r.labels)
                 print(f"{r.name:<32} {labels}\n{'':<32} -S " + " -S ".join(r.set_params()))
             return 0
