@@ -155,5 +155,6 @@ def test_rerun_reuses_every_finished_run(swept):
     # after a new commit `report` still finds the finished runs (`run` would redo them,
     # restoring their stages from the DVC run-cache)
     run(["git", "commit", "--allow-empty", "-qm", "later"], repo)
-    shown = run([sys.executable, "-m", "flows.sweep", "report", "--repo", str(repo)], repo, env)
+    report = [sys.executable, "-m", "flows.sweep", "report", "--repo", str(repo)]
+    shown = run([*report, "--sweeps", "sizes", "pruning"], repo, env)
     assert "finished: 3, missing: []" in shown
