@@ -170,6 +170,7 @@ def write_report(repo: Path, runs: list[Run], done: dict[str, str], reference: d
         for sweep, label in run.labels:
             if run.name in rows:
                 by_label[sweep][label] = {**rows[run.name], "label": label}
+    by_label["sizes"] = dict(sorted(by_label["sizes"].items(), key=lambda kv: kv[1]["region_size"]))
     out = repo / RESULTS
     (out / "plots").mkdir(parents=True, exist_ok=True)
     pictures = charts(by_label, out / "plots")
