@@ -22,15 +22,8 @@ What `run` does (a Prefect flow, `vregion-sweep`; each DVC stage inside is its o
 
 from __future__ import annotations
 
-import os
-
-for _key, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "DVC_NO_ANALYTICS": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-}.items():
-    os.environ.setdefault(_key, _value)
+# flows.pipeline first: importing it sets the offline/quiet defaults before Prefect loads.
+from flows.pipeline import PipelineError, _stream, child_env  # isort: skip
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -43,7 +36,6 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from flows.pipeline import PipelineError, _stream, child_env  # noqa: E402
 from vregion.compare import add_ratios, charts, claims, comparison_markdown, run_row  # noqa: E402
 from vregion.sweep import SWEEPS, Run, expected_params, plan_runs  # noqa: E402
 
