@@ -24,6 +24,7 @@ from __future__ import annotations
 
 # flows.pipeline first: importing it sets the offline/quiet defaults before Prefect loads.
 from flows.pipeline import PipelineError, _stream, child_env  # isort: skip
+from flows.pipeline import _dvc as pipeline_dvc  # isort: skip
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -56,14 +57,7 @@ def _git(repo: Path, *args: str) -> str:
 
 
 def _dvc(repo: Path, *args: str, timeout: float = 600) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "dvc", *args],
-        cwd=repo,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    out = pipeline_dvc(repo, *args, timeout=timeout)
     if out.returncode != 0:
         raise PipelineError(f"`dvc {' '.join(args)}` failed: {(out.stdout + out.stderr)[-3000:]}")
     return out.stdout
@@ -124,8 +118,7 @@ def shared_stages(repo: str) -> dict:
     code, tail = _stream(cmd, repo, child_env(), logger)
     if code != 0:
         raise PipelineError(f"`dvc repro probe` failed ({code}); last lines:\n{tail}")
-    scores = json.loads((Path(repo) / "reports" / "layer_scores.json").read_text())
-    return {"num_layers": scores["num_layers"], "scorers": list(scores["scores"])}
+    return _shape_from_scores(Path(repo))
 
 
 @task(name="queue-and-run", cache_policy=NO_CACHE)
