@@ -63,11 +63,14 @@ def _dvc(repo: Path, *args: str, timeout: float = 600) -> str:
     return out.stdout
 
 
-def experiments(repo: Path, any_baseline: bool = False) -> dict[str, str]:
+def experiments(
+    repo: Path, any_baseline: bool = False, baseline: str | None = None
+) -> dict[str, str]:
     """{experiment name: commit} for the experiments of the current commit (DVC keeps them as
     git refs refs/exps/<baseline[:2]>/<baseline[2:]>/<name>); with `any_baseline`, of any
-    commit, the current commit's first, then the newest."""
-    head = _git(repo, "rev-parse", "HEAD").strip()
+    commit, the current commit's first, then the newest. `baseline`: a commit other than HEAD
+    (the one a running sweep queued its experiments on)."""
+    head = baseline or _git(repo, "rev-parse", "HEAD").strip()
     prefix = f"refs/exps/{head[:2]}/{head[2:]}/"
     fmt = "--format=%(refname) %(objectname)"
     out = _git(repo, "for-each-ref", "--sort=-committerdate", fmt, "refs/exps/")
@@ -94,12 +97,16 @@ def read_committed(repo: Path, rev: str, path: str) -> dict | None:
 
 
 def finished(
-    repo: Path, runs: list[Run], base_params: dict, any_baseline: bool = False
+    repo: Path,
+    runs: list[Run],
+    base_params: dict,
+    any_baseline: bool = False,
+    baseline: str | None = None,
 ) -> dict[str, str]:
     """{run name: experiment commit} for runs whose experiment exists with the run's params
     and every metrics file the report reads (of this commit, or with `any_baseline` of any)."""
     done = {}
-    for name, rev in experiments(repo, any_baseline).items():
+    for name, rev in experiments(repo, any_baseline, baseline).items():
         run = next((r for r in runs if r.name == name), None)
         if run is None:
             continue
@@ -146,8 +153,11 @@ def write_report(repo: Path, runs: list[Run], done: dict[str, str], reference: d
     rows = {}
     for run in runs:
         if run.name in done:
-            metrics = {k: read_committed(repo, done[run.name], f) for k, f in METRIC_FILES.items()}
-            rows[run.name] = run_row(run.name, run.name, metrics, done[run.name])
+            rev = done[run.name]
+            metrics = {k: read_committed(repo, rev, f) for k, f in METRIC_FILES.items()}
+            params = read_committed(repo, rev, "params.yaml") or {}
+            curve_n = params.get("evaluate", {}).get("curve_samples")
+            rows[run.name] = run_row(run.name, run.name, metrics, rev, curve_n)
     baseline = rows.get("all-layers")
     add_ratios(list(rows.values()), baseline)
     by_label: dict[str, dict[str, dict]] = {s: {} for s in SWEEPS}
@@ -214,8 +224,11 @@ def sweep(
     todo = [r for r in runs if r.name not in done]
     print(f"{len(runs)} runs: {len(done)} finished, {len(todo)} to run")
     if run and todo:
+        # the experiments are queued on this commit; a commit made while they run must not
+        # hide them from the report
+        head = _git(path, "rev-parse", "HEAD").strip()
         queue_and_run(str(path), todo, jobs)
-        done = finished(path, runs, base_params)
+        done = finished(path, runs, base_params, baseline=head)
     report = write_report(path, runs, done, reference_figures(path))
     create_markdown_artifact(
         markdown=report.read_text(), key="vregion-comparison", description="the sweep's report"

@@ -142,7 +142,11 @@ def test_report_numbers_are_the_committed_metrics(swept):
     claims = {c["claim"]: c for c in result["claims"]}
     falls = claims["Retention falls as fewer layers are tuned (1 < 2 < 4 < 8)"]
     assert falls["paper"] == "1: 91.9%, 2: 96.5%"
-    assert falls["ours"] == f"1: {runs['uniform']['retention_percent']:.1f}%, 2: {expected:.1f}%"
+    one, two = runs["uniform"], runs["uniform-2"]
+    assert falls["ours"] == (
+        f"1: {one['retention_percent']:.1f} ± {one['retention_se']:.1f}%, "
+        f"2: {expected:.1f} ± {two['retention_se']:.1f}%"
+    )
     assert "Pruning outside the region hurts" in " ".join(claims)
 
 

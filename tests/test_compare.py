@@ -1,0 +1,124 @@
+"""The comparison report's arithmetic: retention and its error, and when a claim is decided.
+
+The sweep test (test_sweep.py) checks the report against real experiments; these check the
+verdict rules on figures chosen to sit on either side of the noise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from vregion.compare import add_ratios, claims, gap_verdict, run_row, standard_error
+
+
+def row(label: str, accuracy: float, n: int, size: int, layers: int = 30, **extra) -> dict:
+    r = {
+        "label": label,
+        "accuracy": accuracy,
+        "accuracy_se": round(standard_error(accuracy, n), 4),
+        "region_size": size,
+        "num_layers": layers,
+        "seconds_per_step": 1.0 if size == layers else 0.7,
+        "text_mc_accuracy": None,
+        "prune_curve": [],
+    }
+    return {**r, **extra}
+
+
+def test_gap_verdict_needs_two_standard_errors():
+    assert gap_verdict(0.05, 0.02) == "holds"
+    assert gap_verdict(-0.05, 0.02) == "does not hold"
+    assert gap_verdict(0.03, 0.02) == "not resolved (+1.5 s.e.)"
+    assert gap_verdict(-0.01, 0.02) == "not resolved (-0.5 s.e.)"
+
+
+def test_retention_carries_the_error_of_both_accuracies():
+    base, uniform = row("all", 0.677, 600, 30), row("uniform", 0.635, 600, 8)
+    add_ratios([base, uniform], base)
+    assert base["retention_percent"] == 100.0 and base["retention_se"] == 0.0
+    assert uniform["retention_percent"] == 93.8
+    rel = math.hypot(uniform["accuracy_se"] / 0.635, base["accuracy_se"] / 0.677)
+    assert uniform["retention_se"] == pytest.approx(100 * 0.635 / 0.677 * rel, abs=0.05)
+    assert uniform["time_ratio"] == 0.7
+
+
+def _verdict(rows: dict[str, dict[str, dict]], claim: str) -> str:
+    """The verdict on the claim starting with `claim`, retention against rows' all-layer run."""
+    add_ratios(
+        [r for sweep in rows.values() for r in sweep.values()], rows["strategies"]["all layers"]
+    )
+    return next(c["verdict"] for c in claims(rows) if c["claim"].startswith(claim))
+
+
+def test_retention_claim_is_unresolved_within_the_noise_and_refuted_beyond_it():
+    noisy = {
+        "strategies": {
+            "all layers": row("all layers", 0.677, 600, 30),
+            "uniform": row("uniform", 0.635, 600, 8),
+        }
+    }
+    assert _verdict(noisy, "A sparse") == "not resolved (-1.4 s.e.)"
+    # the same accuracies on 20x the questions: the gap is now far beyond the noise
+    precise = {
+        "strategies": {
+            "all layers": row("all layers", 0.677, 12000, 30),
+            "uniform": row("uniform", 0.635, 12000, 8),
+        }
+    }
+    assert _verdict(precise, "A sparse") == "does not hold"
+
+
+def test_size_ordering_is_refuted_only_by_a_clear_reversal():
+    def sizes(accs: dict[int, float], n: int) -> dict:
+        rows = {f"{k} layers": row(f"{k} layers", a, n, k) for k, a in accs.items()}
+        return {"strategies": {"all layers": row("all layers", 0.70, n, 30)}, "sizes": rows}
+
+    falls = "Retention falls"
+    assert _verdict(sizes({1: 0.40, 2: 0.50, 4: 0.60, 8: 0.68}, 2000), falls) == "holds"
+    mixed = _verdict(sizes({1: 0.40, 2: 0.41, 4: 0.60}, 2000), falls)
+    assert mixed.startswith("not resolved: 1→2 not resolved") and "2→4 holds" in mixed
+    assert _verdict(sizes({1: 0.60, 2: 0.40}, 2000), falls).startswith("does not hold")
+
+
+def test_pruning_claim_uses_the_error_of_the_curve_points():
+    curve = [{"layers_removed": 0, "accuracy": 0.66}, {"layers_removed": 4, "accuracy": 0.48}]
+    metrics = {
+        "eval": {
+            "models": {
+                "tuned": {"visual": {"overall": {"accuracy": 0.677, "n": 600, "blind": 0.39}}}
+            },
+            "prune_curve": curve,
+        },
+        "train": {"seconds_per_step": 1.9, "trainable_params": 10, "trainable_percent": 1.0},
+        "region": {"region": list(range(30)), "region_size": 30, "num_layers": 30},
+    }
+    all_tuned = run_row("all-layers", "all-layer-tuned", metrics, "abc", curve_n=300)
+    assert [c["n"] for c in all_tuned["prune_curve"]] == [300, 300]
+    assert all_tuned["prune_curve"][0]["accuracy_se"] == round(standard_error(0.66, 300), 4)
+    assert run_row("x", "x", metrics, "abc", curve_n=None)["prune_curve"][0]["n"] == 600
+
+    def region(drop: float, n: int) -> dict:
+        pts = [(0, 0.62), (4, 0.62 - drop)]
+        return row(
+            "region-tuned (uniform)",
+            0.635,
+            600,
+            8,
+            prune_curve=[
+                {"layers_removed": k, "accuracy": a, "accuracy_se": standard_error(a, n)}
+                for k, a in pts
+            ],
+        )
+
+    def verdict(drop: float, n: int) -> str:
+        base = {**all_tuned, "label": "all-layer-tuned"}
+        for c in base["prune_curve"]:
+            c["accuracy_se"] = standard_error(c["accuracy"], n)
+        rows = {"pruning": {"all-layer-tuned": base, "region-tuned (uniform)": region(drop, n)}}
+        return claims(rows)[-1]["verdict"]
+
+    assert verdict(0.17, 300).startswith("not resolved")  # 0.18 vs 0.17 on 300 questions
+    assert verdict(0.02, 300) == "holds"  # the all-layer model loses 0.18, ours 0.02
+    assert verdict(0.40, 300) == "does not hold"
