@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from vregion.compare import add_ratios, claims, gap_verdict, run_row, standard_error
+from vregion.compare import add_ratios, charts, claims, gap_verdict, run_row, standard_error
 
 
 def row(label: str, accuracy: float, n: int, size: int, layers: int = 30, **extra) -> dict:
@@ -122,3 +122,18 @@ def test_pruning_claim_uses_the_error_of_the_curve_points():
     assert verdict(0.17, 300).startswith("not resolved")  # 0.18 vs 0.17 on 300 questions
     assert verdict(0.02, 300) == "holds"  # the all-layer model loses 0.18, ours 0.02
     assert verdict(0.40, 300) == "does not hold"
+
+
+def test_charts_draw_every_sweep_with_error_bars(tmp_path):
+    base = row("all layers", 0.68, 600, 30)
+    strategies = {"all layers": base, "uniform": row("uniform", 0.64, 600, 8)}
+    strategies["top"] = row("top", 0.66, 600, 8)
+    sizes = {f"{k} layers": row(f"{k} layers", a, 600, k) for k, a in {1: 0.55, 8: 0.64}.items()}
+    sizes["30 layers (all)"] = base
+    for r in [*strategies.values(), *sizes.values()]:
+        r["blind"] = 0.4
+    add_ratios([*strategies.values(), *sizes.values()], base)
+    made = charts({"strategies": strategies, "sizes": sizes, "pruning": {}}, tmp_path)
+    assert made == {"retention": "retention_vs_layers.png", "strategies": "strategies.png"}
+    for name in made.values():
+        assert (tmp_path / name).stat().st_size > 10_000

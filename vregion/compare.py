@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from vregion.plots import line_chart
+from vregion.plots import _save, line_chart
 
 PAPER_SOURCE = (
     "Wang et al., arXiv 2412.12785 (ACL 2025), as summarised in DESIGN.md §2 "
@@ -286,27 +286,57 @@ def claims(by_label: Mapping[str, Mapping[str, dict]]) -> list[dict]:
 
 
 def charts(by_label: Mapping[str, Mapping[str, dict]], out_dir: Path) -> dict[str, str]:
-    """Retention vs layers tuned (ours and the paper's), and both pruning curves."""
+    """Retention vs layers tuned (ours ± 2 s.e. and the paper's), accuracy per 25% strategy,
+    and both pruning curves."""
+    import matplotlib.pyplot as plt  # vregion.plots (imported above) chose the Agg backend
+
     made = {}
     sizes = sorted(by_label.get("sizes", {}).values(), key=lambda r: r["region_size"])
     if sizes and all(r["retention_percent"] is not None for r in sizes):
         paper = sorted(PAPER_RETENTION_BY_LAYERS.items())
-        made["retention"] = line_chart(
-            {
-                f"vregion, embedded default ({sizes[0]['num_layers']} layers)": (
-                    [r["region_size"] for r in sizes],
-                    [r["retention_percent"] for r in sizes],
-                ),
-                "paper, Bunny-Llama-3-8B-V (32 layers)": (
-                    [k for k, _ in paper] + [32],
-                    [v for _, v in paper] + [100.0],
-                ),
-            },
-            out_dir / "retention_vs_layers.png",
-            xlabel="LLM layers tuned (uniform)",
-            ylabel="visual accuracy, % of all-layer tuning",
-            title="Retention vs layers tuned",
-        ).name
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.errorbar(
+            [r["region_size"] for r in sizes],
+            [r["retention_percent"] for r in sizes],
+            yerr=[SIGNIFICANT * (r["retention_se"] or 0) for r in sizes],
+            marker="o",
+            capsize=3,
+            label=f"vregion, embedded default ({sizes[0]['num_layers']} layers), ± 2 s.e.",
+        )
+        ax.plot(
+            [k for k, _ in paper] + [32],
+            [v for _, v in paper] + [100.0],
+            marker="s",
+            label="paper, Bunny-Llama-3-8B-V (32 layers)",
+        )
+        ax.set_xscale("log", base=2)
+        ticks = sorted({r["region_size"] for r in sizes})  # the paper's 32 sits beside our 30
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.set_xlabel("LLM layers tuned (uniform region; log scale)")
+        ax.set_ylabel("visual accuracy, % of all-layer tuning")
+        ax.set_title("Retention vs layers tuned")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+        made["retention"] = _save(fig, out_dir / "retention_vs_layers.png").name
+    strategies = by_label.get("strategies", {})
+    if len(strategies) >= 2:
+        rows = sorted(strategies.items(), key=lambda kv: kv[1]["accuracy"])
+        fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.4))
+        ys = range(len(rows))
+        ax.barh(
+            ys,
+            [r["accuracy"] for _, r in rows],
+            xerr=[SIGNIFICANT * r["accuracy_se"] for _, r in rows],
+            color=["tab:orange" if k == "uniform" else "tab:blue" for k, _ in rows],
+            capsize=3,
+        )
+        ax.scatter([r["blind"] for _, r in rows], ys, marker="|", s=200, color="k", zorder=3)
+        ax.set_yticks(list(ys), [k for k, _ in rows], fontsize=8)
+        ax.set_xlabel("visual accuracy ± 2 s.e. (black tick: blind control)")
+        ax.set_xlim(0.3, min(1.0, max(r["accuracy"] for _, r in rows) + 0.1))
+        ax.set_title("Layer selection: 25% of the layers by each rule, and all layers")
+        ax.grid(axis="x", alpha=0.3)
+        made["strategies"] = _save(fig, out_dir / "strategies.png").name
     pruning = by_label.get("pruning", {})
     curves = {
         label: (
@@ -363,6 +393,8 @@ def comparison_markdown(
         if not rows:
             continue
         parts += [f"## {titles.get(sweep, sweep)}", sweep_table(list(rows.values()))]
+        if sweep == "strategies" and "strategies" in pictures:
+            parts.append(f"![accuracy per strategy](plots/{pictures['strategies']})")
         if sweep == "sizes" and "retention" in pictures:
             parts.append(f"![retention vs layers](plots/{pictures['retention']})")
         if sweep == "pruning":
