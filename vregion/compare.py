@@ -43,6 +43,7 @@ def run_row(
     text = tuned.get("text", {})
     train = metrics["train"]
     acc, n = visual["overall"]["accuracy"], visual["overall"]["n"]
+    curve_size = min(curve_n or n, n)  # the curve samples from the same held-out questions
     return {
         "run": name,
         "label": labels,
@@ -66,8 +67,8 @@ def run_row(
             {
                 "layers_removed": c["layers_removed"],
                 "accuracy": c["accuracy"],
-                "n": min(curve_n or n, n),
-                "accuracy_se": round(standard_error(c["accuracy"], min(curve_n or n, n)), 4),
+                "n": curve_size,
+                "accuracy_se": round(standard_error(c["accuracy"], curve_size), 4),
             }
             for c in metrics["eval"].get("prune_curve", [])
         ],
