@@ -128,6 +128,24 @@ def shared_stages(repo: str) -> dict:
     return _shape_from_scores(Path(repo))
 
 
+def drop_stale_shutdowns(repo: Path) -> int:
+    """Purge shutdown requests waiting in DVC's queue broker for a worker that is gone.
+
+    `dvc queue stop` broadcasts a shutdown to every worker ever bound to the broker. A live
+    worker reads it at once; for one already gone it waits on disk, and the next worker (DVC
+    reuses the node name) reads it and quits after its first experiment, leaving
+    `dvc exp run --run-all` waiting forever on the rest. Returns how many were dropped."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc_repo:
+        app = dvc_repo.experiments.celery_queue.celery
+        with app.connection_for_write() as conn:
+            channel = conn.default_channel
+            # the workers' control queues: the bindings of celery's broadcast exchange
+            queues = {b.queue for b in channel.get_table("celery.pidbox")}
+            return sum(channel.queue_purge(q) or 0 for q in sorted(queues))
+
+
 @task(name="queue-and-run", cache_policy=NO_CACHE)
 def queue_and_run(repo: str, runs: list[Run], jobs: int) -> None:
     """Queue every run as a DVC experiment, then run the queue (`dvc exp run --run-all`)."""
@@ -142,6 +160,9 @@ def queue_and_run(repo: str, runs: list[Run], jobs: int) -> None:
         args = [a for p in run.set_params() for a in ("-S", p)]
         _dvc(path, "exp", "run", "--queue", "-n", run.name, *args)
         logger.info("queued %s: %s", run.name, " ".join(run.set_params()))
+    stale = drop_stale_shutdowns(path)
+    if stale:
+        logger.info("dropped %d stale shutdown message(s) left by `dvc queue stop`", stale)
     cmd = [sys.executable, "-m", "dvc", "exp", "run", "--run-all", "--jobs", str(jobs)]
     code, tail = _stream(cmd, repo, child_env(), logger)
     if code != 0:

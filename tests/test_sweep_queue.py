@@ -1,0 +1,108 @@
+"""The sweep survives a `dvc queue stop` issued when no queue worker was alive.
+
+DVC's broker keeps that shutdown on disk for the worker it was meant for; the next worker
+(same node name) would read it and quit after one experiment, leaving `dvc exp run --run-all`
+waiting forever. A real DVC queue in a temporary git repo, with a one-line stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import yaml
+from pipeline_repo import DVC, pipeline_env, run
+
+from flows.sweep import drop_stale_shutdowns
+
+SQUARE = """import json, yaml
+x = yaml.safe_load(open("params.yaml"))["x"]
+json.dump({"y": x * x}, open("m.json", "w"))
+"""
+STAGE = {
+    "stages": {
+        "square": {
+            "cmd": "python square.py",
+            "deps": ["square.py"],
+            "params": ["x"],
+            "metrics": [{"m.json": {"cache": False}}],
+        }
+    }
+}
+
+
+def _workers_alive(repo: Path) -> bool:
+    """Whether a queue worker DVC spawned for this repo (its pid files) is still running."""
+    for pidfile in (repo / ".dvc" / "tmp" / "exps" / "celery").glob("dvc-exp-worker-*.pid"):
+        try:
+            os.kill(int(pidfile.read_text().strip()), 0)
+        except (ValueError, ProcessLookupError):
+            continue
+        return True
+    return False
+
+
+def _pending_control_messages(repo: Path) -> list[str]:
+    inbox = repo / ".dvc" / "tmp" / "exps" / "celery" / "broker" / "in"
+    return [p.name for p in inbox.glob("*.celery.pidbox.msg")] if inbox.is_dir() else []
+
+
+def _run_all(repo: Path, env: dict, timeout: int = 240) -> None:
+    try:
+        run([*DVC, "exp", "run", "--run-all", "--jobs", "1"], repo, env, timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        raise AssertionError(f"`dvc exp run --run-all` still waiting after {timeout} s") from err
+
+
+def test_a_stale_queue_stop_does_not_strand_the_next_sweep(tmp_path):
+    repo = tmp_path / "q"
+    repo.mkdir()
+    env = pipeline_env(repo)
+    env["DVC_NO_ANALYTICS"] = "1"
+    run(["git", "init", "-q"], repo, env)
+    run(["git", "config", "user.email", "t@example.com"], repo, env)
+    run(["git", "config", "user.name", "t"], repo, env)
+    run([*DVC, "init", "-q"], repo, env)
+    (repo / "params.yaml").write_text("x: 0\n")
+    (repo / "square.py").write_text(SQUARE)
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(STAGE))
+    run([*DVC, "repro"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "square"], repo, env)
+
+    # a first sweep leaves its worker bound to the broker's broadcast exchange
+    run([*DVC, "exp", "run", "--queue", "-n", "one", "-S", "x=1"], repo, env)
+    _run_all(repo, env)
+    deadline = time.monotonic() + 120  # the worker idles 10 s after its queue empties
+    while _workers_alive(repo) and time.monotonic() < deadline:
+        time.sleep(2)
+    assert not _workers_alive(repo), "the first sweep's queue worker did not exit"
+
+    # `dvc queue stop` with no worker alive: the shutdown waits in the broker
+    run([*DVC, "queue", "stop"], repo, env)
+    assert _pending_control_messages(repo), "no stale shutdown: the scenario did not arise"
+
+    for name, x in (("two", 2), ("three", 3)):
+        run([*DVC, "exp", "run", "--queue", "-n", name, "-S", f"x={x}"], repo, env)
+    assert drop_stale_shutdowns(repo) >= 1
+    assert not _pending_control_messages(repo)
+    _run_all(repo, env)
+
+    show = [*DVC, "exp", "show", "--json"]
+    shown = json.loads(
+        subprocess.run(
+            show, cwd=repo, env=env, capture_output=True, text=True, timeout=120, check=True
+        ).stdout
+    )
+    names = {
+        exp["name"]: exp["data"]["metrics"]["m.json"]["data"]["y"]
+        for base in shown
+        for group in base.get("experiments") or []
+        for exp in group["revs"]
+        if exp.get("name")
+    }
+    assert names == {"one": 1, "two": 4, "three": 9}
+    assert drop_stale_shutdowns(repo) == 0  # nothing left to drop
