@@ -143,7 +143,7 @@ def drop_stale_shutdowns(repo: Path) -> int:
             channel = conn.default_channel
             # the workers' control queues: the bindings of celery's broadcast exchange
             queues = {b.queue for b in channel.get_table("celery.pidbox")}
-            return sum(channel.queue_purge(q) or 0 for q in sorted(queues))
+            return sum(channel.queue_purge(q) or 0 for q in queues)
 
 
 @task(name="queue-and-run", cache_policy=NO_CACHE)

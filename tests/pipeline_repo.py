@@ -76,6 +76,11 @@ def make_pipeline_repo(repo: Path) -> Path:
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((repo / "params.yaml").read_text())
     (repo / "params.yaml").write_text(yaml.safe_dump(merge(params, TINY_PARAMS), sort_keys=False))
+    return init_git_dvc(repo)
+
+
+def init_git_dvc(repo: Path) -> Path:
+    """`git init` + `dvc init` with a commit identity and a site cache inside the repo."""
     run(["git", "init", "-q"], repo)
     run(["git", "config", "user.email", "t@example.com"], repo)
     run(["git", "config", "user.name", "t"], repo)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import yaml
-from pipeline_repo import DVC, pipeline_env, run
+from pipeline_repo import DVC, init_git_dvc, pipeline_env, run
 
 from flows.sweep import drop_stale_shutdowns
 
@@ -58,14 +58,8 @@ def _run_all(repo: Path, env: dict, timeout: int = 240) -> None:
 
 
 def test_a_stale_queue_stop_does_not_strand_the_next_sweep(tmp_path):
-    repo = tmp_path / "q"
-    repo.mkdir()
-    env = pipeline_env(repo)
-    env["DVC_NO_ANALYTICS"] = "1"
-    run(["git", "init", "-q"], repo, env)
-    run(["git", "config", "user.email", "t@example.com"], repo, env)
-    run(["git", "config", "user.name", "t"], repo, env)
-    run([*DVC, "init", "-q"], repo, env)
+    repo = init_git_dvc(tmp_path)
+    env = pipeline_env(repo)  # the spawned queue worker runs `dvc` from PATH
     (repo / "params.yaml").write_text("x: 0\n")
     (repo / "square.py").write_text(SQUARE)
     (repo / "dvc.yaml").write_text(yaml.safe_dump(STAGE))
