@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vregion.data.llava_format import load_llava_records
+from vregion.data import images
+from vregion.data.llava_format import (
+    DataFileError,
+    load_llava_records,
+    validate_llava_file,
+)
 from vregion.data.records import Quarantine, Sample
 
 
@@ -299,17 +304,28 @@ def test_length_is_only_checked_with_both_length_fn_and_max_tokens(tmp_path, ima
     assert len(load_llava_records(path, image_root, Quarantine(), max_tokens=10)) == 1
 
 
-def test_unverified_images_only_need_to_exist(tmp_path, image_root):
+def test_header_only_accepts_truncated_pixels_that_full_decode_quarantines(tmp_path, image_root):
     path = tmp_path / "d.jsonl"
     rows = [
-        {"id": "corrupt", "image": "corrupt.png", "conversations": _turns("<image>\nx", "y")},
-        {"id": "missing", "image": "gone.png", "conversations": _turns("<image>\nx", "y")},
+        {"id": name, "image": image, "conversations": _turns("<image>\nx", "y")}
+        for name, image in [
+            ("ok", "ok.png"),
+            ("corrupt", "corrupt.png"),
+            ("missing", "gone.png"),
+            ("truncated", "truncated.png"),
+        ]
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     quarantine = Quarantine()
     samples = load_llava_records(path, image_root, quarantine, verify_images=False)
-    assert [s.id for s in samples] == ["corrupt"]
-    assert [e.record for e in quarantine.entries] == ["missing"]
+    assert [s.id for s in samples] == ["ok", "truncated"]  # the header of truncated.png is whole
+    assert {e.record: e.reason for e in quarantine.entries}.keys() == {"corrupt", "missing"}
+    assert "cannot be read" in quarantine.entries[0].reason
+    full = Quarantine()
+    result = validate_llava_file(path, image_root, full, full_decode=True)
+    assert [s.id for s in result.samples] == ["ok"]
+    reasons = {e.record: e.reason for e in full.entries}
+    assert "cannot be read" in reasons["truncated"]
 
 
 def test_wrong_paths_stop_with_what_to_fix(tmp_path, image_root):
@@ -319,7 +335,7 @@ def test_wrong_paths_stop_with_what_to_fix(tmp_path, image_root):
     path.write_text(json.dumps(VALID[0]) + "\n")
     with pytest.raises(FileNotFoundError, match="image_root"):
         load_llava_records(path, tmp_path / "no-such-dir", Quarantine())
-    with pytest.raises(ValueError, match="no image root is set"):
+    with pytest.raises(DataFileError, match="no image root is set"):
         load_llava_records(path, None, Quarantine())
     broken = tmp_path / "broken.json"
     broken.write_text('[{"id": "a", "conversations": []},\n {"id": ]')
@@ -331,3 +347,225 @@ def test_text_only_data_needs_no_image_root(tmp_path):
     path = tmp_path / "text.jsonl"
     path.write_text(json.dumps(VALID[1]) + "\n")
     assert [s.id for s in load_llava_records(path, None, Quarantine())] == ["good-text"]
+
+
+# --- files that yield nothing: one DataFileError each, saying what to do --------------------
+
+
+def _one_record_file(tmp_path: Path, name: str, data: bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def test_non_utf8_file_names_the_byte_offset_and_says_re_encode(tmp_path, image_root):
+    good = (json.dumps(VALID[1]) + "\n").encode()
+    bad = json.dumps({"id": "x", "conversations": _turns("café", "y")}, ensure_ascii=False)
+    bad = bad.encode("latin-1")
+    path = _one_record_file(tmp_path, "latin1.jsonl", good + bad + b"\n")
+    with pytest.raises(DataFileError) as err:
+        load_llava_records(path, image_root, Quarantine())
+    offset = len(good) + bad.index(b"\xe9")
+    message = str(err.value)
+    assert str(path) in message and f"byte offset {offset} (line 2)" in message
+    assert "re-encode" in message and "UTF-8" in message
+
+
+@pytest.mark.parametrize("suffix, body", [("jsonl", "{}\n"), ("json", "[{}]")])
+def test_utf8_bom_says_remove_it(tmp_path, image_root, suffix, body):
+    record = json.dumps(VALID[1])
+    text = body.replace("{}", record)
+    path = _one_record_file(tmp_path, f"bom.{suffix}", b"\xef\xbb\xbf" + text.encode())
+    with pytest.raises(DataFileError, match="byte-order mark.*remove it.*sed -i"):
+        load_llava_records(path, image_root, Quarantine())
+
+
+def test_truncated_json_list_names_line_and_column(tmp_path, image_root):
+    full = json.dumps([VALID[1], VALID[0]], indent=2)
+    path = _one_record_file(tmp_path, "cut.json", full[: len(full) // 2].encode())
+    with pytest.raises(DataFileError, match=r"not valid JSON \(line \d+, column \d+.*truncated"):
+        load_llava_records(path, image_root, Quarantine())
+
+
+@pytest.mark.parametrize("indent", [None, 2])
+def test_top_level_object_says_extract_the_records(tmp_path, image_root, indent):
+    text = json.dumps({"version": 1, "data": VALID[:2]}, indent=indent)
+    path = _one_record_file(tmp_path, "wrapped.json", text.encode())
+    with pytest.raises(DataFileError) as err:
+        load_llava_records(path, image_root, Quarantine())
+    message = str(err.value)
+    assert "must be a JSON list of records or JSONL" in message
+    assert "extract them" in message and "['data']" in message
+
+
+@pytest.mark.parametrize("text", ["", "\n  \n", "[]", "[\n]\n"])
+def test_file_without_records_raises(tmp_path, image_root, text):
+    path = _one_record_file(tmp_path, "empty.jsonl", text.encode())
+    with pytest.raises(DataFileError, match="holds no records"):
+        load_llava_records(path, image_root, Quarantine())
+
+
+def test_every_record_quarantined_raises_with_count_reasons_and_report(tmp_path, image_root):
+    row = {"image": "gone.png", "conversations": _turns("<image>\nx", "y")}
+    rows = [dict(row, id=f"r{i}") for i in range(5)]
+    path = _one_record_file(
+        tmp_path, "all-bad.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode()
+    )
+    report = tmp_path / "out" / "quarantine.json"
+    quarantine = Quarantine()
+    with pytest.raises(DataFileError) as err:
+        validate_llava_file(path, image_root, quarantine, report_path=report)
+    message = str(err.value)
+    assert "all 5 records were quarantined" in message
+    assert "r0: image file" in message and "does not exist" in message
+    assert "r3:" not in message  # only the first few reasons
+    assert str(report) in message and json.loads(report.read_text())["skipped"] == 5
+
+
+# --- record-level checks ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def outside_png(tmp_path: Path) -> Path:
+    """A valid image just outside the image root, which no record may reach."""
+    path = tmp_path / "secret.png"
+    Image.new("RGB", (4, 4), (0, 255, 0)).save(path)
+    return path
+
+
+def _outside_refs(image_root: Path, outside_png: Path) -> dict[str, str]:
+    (image_root / "link.png").symlink_to(outside_png)
+    (image_root / "linkdir").symlink_to(outside_png.parent, target_is_directory=True)
+    return {
+        "dotdot": "../secret.png",
+        "deep-dotdot": "sub/../../secret.png",
+        "absolute": str(outside_png),
+        "symlink": "link.png",
+        "symlinked-dir": "linkdir/secret.png",
+    }
+
+
+@pytest.mark.parametrize("full_decode", [False, True])
+def test_images_outside_the_root_are_quarantined_and_never_opened(
+    tmp_path, image_root, outside_png, monkeypatch, full_decode
+):
+    refs = _outside_refs(image_root, outside_png)
+    rows = [{"id": "inside", "image": "ok.png", "conversations": _turns("<image>\nx", "y")}]
+    rows += [
+        {"id": name, "image": rel, "conversations": _turns("<image>\nx", "y")}
+        for name, rel in refs.items()
+    ]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    opened: list[str] = []
+    real_pil_open, real_open = Image.open, open
+
+    def pil_open(fp, *args, **kwargs):
+        opened.append(str(fp))
+        return real_pil_open(fp, *args, **kwargs)
+
+    def builtin_open(file, *args, **kwargs):
+        opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", pil_open)
+    monkeypatch.setattr("builtins.open", builtin_open)
+    quarantine = Quarantine()
+    result = validate_llava_file(path, image_root, quarantine, full_decode=full_decode)
+    monkeypatch.undo()
+    assert [s.id for s in result.samples] == ["inside"]
+    assert {e.record for e in quarantine.entries} == set(refs)
+    for entry in quarantine.entries:
+        assert entry.field == "image" and "outside the image root" in entry.reason, entry
+    assert any(p.endswith("ok.png") for p in opened)  # the recorder does see opens
+    assert not [p for p in opened if "secret" in p], opened
+
+
+def test_multi_image_record_is_quarantined_with_how_to_split(tmp_path, image_root):
+    path = tmp_path / "multi.jsonl"
+    rows = [
+        VALID[0],
+        {
+            "id": "two",
+            "image": ["ok.png", "sub/other.jpg"],
+            "conversations": VALID[0]["conversations"],
+        },
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    quarantine = Quarantine()
+    assert [s.id for s in load_llava_records(path, image_root, quarantine)] == ["good-image"]
+    (entry,) = quarantine.entries
+    assert entry.record == "two" and entry.field == "image"
+    assert (
+        "multi-image records (a list in `image`) are not supported; "
+        "split them into one record per image"
+    ) in entry.reason
+
+
+# --- validation at scale --------------------------------------------------------------------
+
+
+def test_each_unique_image_is_checked_once(tmp_path, image_root, monkeypatch):
+    calls: list[Path] = []
+    real_header = images.image_header
+    monkeypatch.setattr(images, "image_header", lambda p: calls.append(p) or real_header(p))
+    rows = [
+        {"id": f"r{i}", "image": rel, "conversations": _turns("<image>\nx", "y")}
+        for i, rel in enumerate(["ok.png", "ok.png", "./ok.png", "sub/other.jpg"])
+    ]
+    path = tmp_path / "shared.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = validate_llava_file(path, image_root, Quarantine(), workers=3)
+    assert len(result.samples) == 4 and result.unique_images == 2
+    assert sorted(p.name for p in calls) == ["ok.png", "other.jpg"]
+
+
+def test_image_sizes_come_with_samples_and_reach_length_fn(tmp_path, image_root):
+    Image.new("RGB", (40, 30)).save(image_root / "wide.png")
+    rows = [
+        {"id": "small", "image": "ok.png", "conversations": _turns("<image>\nx", "y")},
+        {"id": "text", "conversations": _turns("x", "y")},
+        {"id": "wide", "image": "wide.png", "conversations": _turns("<image>\nx", "y")},
+    ]
+    path = tmp_path / "sizes.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen = []
+
+    def length(sample: Sample, size: tuple[int, int] | None) -> int:
+        seen.append((sample.id, size))
+        return 0 if size is None else size[0] * size[1] // 16  # like image tokens per patch
+
+    quarantine = Quarantine()
+    result = validate_llava_file(path, image_root, quarantine, length_fn=length, max_tokens=10)
+    assert [s.id for s in result.samples] == ["small", "text"]
+    assert result.image_sizes == [(8, 8), None]
+    assert seen == [("small", (8, 8)), ("text", None), ("wide", (40, 30))]
+    (entry,) = quarantine.entries
+    assert entry.record == "wide" and entry.field == "conversations"
+    assert entry.reason == "too long: 75 tokens > max_tokens 10"
+
+
+def test_two_thousand_records_sharing_fifty_images(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(50):
+        Image.new("RGB", (4 + i, 4), (i, 0, 0)).save(root / f"{i}.png")
+    path = tmp_path / "many.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps(
+                {"id": i, "image": f"{i % 50}.png", "conversations": _turns("<image>\nx", "y")}
+            )
+            + "\n"
+            for i in range(2000)
+        )
+    )
+    ticks: list[tuple[int, int]] = []
+    result = validate_llava_file(
+        path, root, Quarantine(), workers=4, progress=lambda d, t: ticks.append((d, t))
+    )
+    assert len(result.samples) == result.records == 2000 and result.unique_images == 50
+    assert result.image_sizes[:2] == [(4, 4), (5, 4)]
+    assert ticks[-1] == (50, 50) and len(ticks) == 50
+    assert result.seconds > 0 and result.records_per_second == 2000 / result.seconds
+    print(f"{result.records_per_second:.0f} records/s")

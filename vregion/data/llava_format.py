@@ -1,13 +1,14 @@
 """Reading real LLaVA-format data: valid records become Samples, broken ones go to quarantine.
 
 A file is either one JSON list of records (its first non-blank character is `[`) or JSONL (one
-record per line). A record is a dict with:
+record per line), in UTF-8 without a byte-order mark. A record is a dict with:
 
 - `id`: a string or an integer (kept as a string), unique in the file. A record without an id
   is accepted under the generated id `<file stem>-<index>` (0-based position in the file),
   since some public conversions omit it; quarantine reports name such records `#<index>`.
-- `image` (optional): one path relative to `image_root`, to a file Pillow can decode. Records
-  without it are text-only.
+- `image` (optional): one path relative to `image_root`, to a file Pillow can read, that stays
+  inside `image_root` (symlinks followed). Records without it are text-only; multi-image
+  records (a list) are not supported.
 - `conversations`: a non-empty list of `{"from": "human" | "gpt", "value": str}` turns, human
   first, alternating, ending with gpt. With an image, the whole conversation holds exactly one
   `<image>` placeholder, in the first human turn; without one, none. A missing placeholder is
@@ -17,21 +18,47 @@ record per line). A record is a dict with:
 
 Each skipped record gets one quarantine entry (file, record, field, reason) naming its first
 problem; every accepted record is kept exactly as written. A later record whose id an accepted
-record already holds is a duplicate. Paths that do not exist raise, with what to fix: the
-stage stops rather than train on nothing.
+record already holds is a duplicate. Paths that do not exist raise FileNotFoundError, and a
+file that yields nothing usable (not UTF-8, a BOM, broken JSON, a top-level object, no records,
+every record quarantined) raises DataFileError, each with what to fix: the stage stops rather
+than train on nothing.
+
+Images are checked once per unique file, in parallel threads (Pillow releases the GIL while
+reading): by default only the header (missing, non-image and truncated-header files), with
+`full_decode` also the pixels (truncated pixel data). Header sizes are returned per sample so
+token counts need no decoding.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from PIL import Image
 
+from vregion.data import images
 from vregion.data.records import IMAGE_PLACEHOLDER, Quarantine, Sample
 
 ROLES = ("human", "gpt")
+MULTI_IMAGE = (
+    "image must be one path string: multi-image records (a list in `image`) are not "
+    "supported; split them into one record per image"
+)
+_CHUNK = 4096  # paths per batch handed to the thread pool: bounds the futures held at once
+
+ImageSize = tuple[int, int]
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class DataFileError(ValueError):
+    """A records file that yields no usable records as a whole, and what to do about it."""
 
 
 class RecordError(ValueError):
@@ -43,21 +70,47 @@ class RecordError(ValueError):
         self.field = field
 
 
-def load_llava_records(
+@dataclass
+class Validated:
+    """The accepted records of one file, with what validating them cost."""
+
+    samples: list[Sample]
+    image_sizes: list[ImageSize | None]
+    """(width, height) from the header of each sample's image, None for text-only samples."""
+    records: int
+    """Records read, accepted or not."""
+    seconds: float
+    """Wall time of reading and validating."""
+    unique_images: int
+    """Distinct image files checked."""
+
+    @property
+    def records_per_second(self) -> float:
+        return self.records / self.seconds if self.seconds > 0 else float("inf")
+
+
+def validate_llava_file(
     path: str | Path,
     image_root: str | Path | None,
     quarantine: Quarantine,
-    length_fn: Callable[[Sample], int] | None = None,
+    *,
+    workers: int | None = None,
+    full_decode: bool = False,
+    length_fn: Callable[[Sample, ImageSize | None], int] | None = None,
     max_tokens: int | None = None,
-    verify_images: bool = True,
-) -> list[Sample]:
+    progress: Callable[[int, int], None] | None = None,
+    report_path: str | Path | None = None,
+) -> Validated:
     """Valid records of one LLaVA-format file (JSON list or JSONL); the rest go to `quarantine`.
 
-    `image_root` is the directory `image` paths are relative to (None only for text-only data).
-    With `length_fn` and `max_tokens`, samples longer than `max_tokens` are quarantined, not
-    truncated. With `verify_images`, every image is decoded once (slow on millions of images;
-    a missing file is always caught).
+    `image_root`: the directory `image` paths are relative to (None only for text-only data).
+    `workers`: threads checking images (None: ThreadPoolExecutor's default, min(32, cpus + 4);
+    header reads mostly wait on storage). `full_decode`: decode every image, not just its
+    header. `length_fn(sample, (width, height) or None)` with `max_tokens`: longer samples are
+    quarantined, not truncated. `progress(done, total)` is called as images are checked.
+    `report_path`: where the quarantine is written if every record fails, before DataFileError.
     """
+    started = time.perf_counter()
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -65,20 +118,53 @@ def load_llava_records(
             f"data.llava.eval in params.yaml), relative to the project root"
         )
     root = _check_image_root(image_root)
-    image_errors: dict[Path, str | None] = {}  # images shared by many records are read once
-    samples: list[Sample] = []
-    ids: set[str] = set()
-    for index, record, parse_error in _raw_records(path):
+    raw = _read_records(path)
+
+    # Pass 1: each record's structure, in file order; images are only collected.
+    checked: list[tuple[str, Sample | None, RecordError | None]] = []
+    for index, (record, parse_error) in enumerate(raw):
         name = _record_name(record, index)
         try:
             if parse_error is not None:
                 raise RecordError(parse_error)
             sample = _to_sample(record, f"{path.stem}-{index}")
             _check_placeholders(sample)
+            if sample.image is not None and root is None:
+                raise DataFileError(
+                    f"{path}: records have images (e.g. {sample.image!r}) but no image root is "
+                    f"set: set data.llava.image_root in params.yaml"
+                )
+        except RecordError as err:
+            checked.append((name, None, err))
+            continue
+        checked.append((name, sample, None))
+
+    # Images: resolve each distinct path string, then check each distinct file, in threads.
+    rels = sorted({s.image for _, s, _ in checked if s is not None and s.image is not None})
+    resolved = dict(zip(rels, _parallel(lambda r: _resolve(root, r), rels, workers), strict=True))
+    files = sorted({p for p in resolved.values() if isinstance(p, Path)})
+    check = _full_check if full_decode else _header_check
+    results = dict(zip(files, _parallel(check, files, workers, progress), strict=True))
+
+    # Pass 2: image results, length and duplicates, in file order.
+    samples: list[Sample] = []
+    sizes: list[ImageSize | None] = []
+    ids: set[str] = set()
+    for name, sample, error in checked:
+        try:
+            if error is not None:
+                raise error
+            assert sample is not None
+            size = None
             if sample.image is not None:
-                _check_image(sample.image, root, image_errors, verify_images)
+                where = resolved[sample.image]
+                if isinstance(where, str):  # shared by records: a fresh error for each
+                    raise RecordError(where, "image")
+                size, problem = results[where]
+                if problem is not None:
+                    raise RecordError(problem, "image")
             if length_fn is not None and max_tokens is not None:
-                length = length_fn(sample)
+                length = length_fn(sample, size)
                 if length > max_tokens:
                     raise RecordError(
                         f"too long: {length} tokens > max_tokens {max_tokens}", "conversations"
@@ -90,7 +176,38 @@ def load_llava_records(
             continue
         ids.add(sample.id)
         samples.append(sample)
-    return samples
+        sizes.append(size)
+    if not samples:
+        _all_quarantined(path, quarantine, len(checked), report_path)
+    return Validated(samples, sizes, len(checked), time.perf_counter() - started, len(files))
+
+
+def load_llava_records(
+    path: str | Path,
+    image_root: str | Path | None,
+    quarantine: Quarantine,
+    length_fn: Callable[[Sample], int] | None = None,
+    max_tokens: int | None = None,
+    verify_images: bool = True,
+    *,
+    workers: int | None = None,
+    report_path: str | Path | None = None,
+) -> list[Sample]:
+    """The samples of `validate_llava_file`, for callers whose `length_fn` takes the sample only.
+
+    `verify_images`: decode every image (slow on millions of images); False reads only headers.
+    """
+    by_sample = None if length_fn is None else (lambda sample, _size: length_fn(sample))
+    return validate_llava_file(
+        path,
+        image_root,
+        quarantine,
+        workers=workers,
+        full_decode=verify_images,
+        length_fn=by_sample,
+        max_tokens=max_tokens,
+        report_path=report_path,
+    ).samples
 
 
 def _check_image_root(image_root: str | Path | None) -> Path | None:
@@ -105,30 +222,153 @@ def _check_image_root(image_root: str | Path | None) -> Path | None:
     return root
 
 
-def _raw_records(path: Path) -> Iterator[tuple[int, object, str | None]]:
-    """(index, parsed record or None, parse error or None) for each record of the file."""
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
+def _read_records(path: Path) -> list[tuple[object, str | None]]:
+    """(parsed record or None, parse error or None) for each record of the file.
+
+    Raises DataFileError when the file as a whole cannot hold records.
+    """
+    data = path.read_bytes()
+    if data.startswith(codecs.BOM_UTF8):
+        raise DataFileError(
+            f"{path} starts with a UTF-8 byte-order mark (BOM), which JSON does not allow: "
+            f"remove it, e.g. `sed -i '1s/^\\xEF\\xBB\\xBF//' {path}` or `python -c \"import "
+            f"pathlib; p = pathlib.Path('{path}'); p.write_bytes(p.read_bytes()[3:])\"`"
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        utf16 = " (it looks like UTF-16)" if data.startswith((b"\xff\xfe", b"\xfe\xff")) else ""
+        raise DataFileError(
+            f"{path} is not UTF-8{utf16}: byte offset {err.start} (line {line}) is "
+            f"0x{data[err.start]:02x} ({err.reason}); re-encode the file as UTF-8, e.g. "
+            f"`iconv -f <its encoding, e.g. LATIN1> -t UTF-8 {path} > {path.stem}.utf8"
+            f"{path.suffix}`"
+        ) from None
+    stripped = text.strip()
+    if stripped.startswith("["):
         try:
             records = json.loads(text)
         except json.JSONDecodeError as err:
             # One broken list spoils every record in it: nothing can be read, so stop.
-            raise ValueError(
+            raise DataFileError(
                 f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); "
-                f"fix the file or convert it to JSONL so broken records can be skipped one by one"
+                f"the file may be truncated: fix it or convert it to JSONL so broken records "
+                f"can be skipped one by one"
             ) from None
-        for index, record in enumerate(records):
-            yield index, record, None
+        out = [(record, None) for record in records]
+    else:
+        if stripped.startswith("{"):
+            _refuse_top_level_object(path, stripped)
+        out = []
+        for line_no, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                out.append((json.loads(line), None))
+            except json.JSONDecodeError as err:
+                reason = f"malformed JSON on line {line_no}: {err.msg} (column {err.colno})"
+                out.append((None, reason))
+    if not out:
+        raise DataFileError(
+            f"{path} holds no records: it must be a JSON list of records or JSONL (one record "
+            f"per line); check that the right file is configured and that it was fully written"
+        )
+    return out
+
+
+def _refuse_top_level_object(path: Path, stripped: str) -> None:
+    """Raise if the file is one JSON object (e.g. `{"data": [...]}`) rather than JSONL."""
+    try:
+        whole = json.loads(stripped)
+    except json.JSONDecodeError:
+        return  # JSONL with several lines, or broken lines to quarantine one by one
+    if not isinstance(whole, dict):
         return
-    index = 0
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield index, json.loads(line), None
-        except json.JSONDecodeError as err:
-            yield index, None, f"malformed JSON on line {line_no}: {err.msg} (column {err.colno})"
-        index += 1
+    lists = [
+        k
+        for k, v in whole.items()
+        if k != "conversations" and isinstance(v, list) and v and isinstance(v[0], dict)
+    ]
+    if not lists and "\n" not in stripped:
+        return  # JSONL of one record (broken ones are quarantined as such)
+    key = lists[0] if lists else "<key>"
+    raise DataFileError(
+        f"{path} is one JSON object (keys: {', '.join(map(repr, list(whole)[:10]))}), not "
+        f"records: the file must be a JSON list of records or JSONL (one record per line). "
+        f'If the records are under a key, extract them, e.g. `python -c "import json; '
+        f"json.dump(json.load(open('{path}'))['{key}'], open('records.json', 'w'))\"`"
+    )
+
+
+def _all_quarantined(
+    path: Path, quarantine: Quarantine, records: int, report_path: str | Path | None
+) -> None:
+    first = "; ".join(f"{e.record}: {e.reason}" for e in quarantine.entries[-records:][:3])
+    if report_path is not None:
+        quarantine.write(report_path)
+        where = f"Every reason is in {report_path}"
+    else:
+        where = "Every reason is in the stage's quarantine report (quarantine.json)"
+    raise DataFileError(
+        f"{path}: all {records} records were quarantined, none is usable. First reasons: "
+        f"{first}. {where}"
+    )
+
+
+def _resolve(root: Path | None, rel: str) -> Path | str:
+    """The real path of image `rel`, or why it may not be used."""
+    assert root is not None
+    try:
+        return images.resolve_image(root, rel)
+    except ValueError as err:  # OutsideRootError, or a NUL byte
+        return str(err)
+
+
+def _header_check(path: Path) -> tuple[ImageSize | None, str | None]:
+    """(size, None) for a usable image, (None, why) otherwise; reads the header only."""
+    if not path.is_file():
+        return None, f"image file {path} does not exist"
+    try:
+        width, height, mode = images.image_header(path)
+    except Exception as err:  # Pillow raises many types for bad files
+        return None, f"image file {path} cannot be read: {type(err).__name__}: {err}"
+    if mode not in images.SUPPORTED_MODES:
+        return None, f"image file {path} has mode {mode!r}, which cannot be converted to RGB"
+    return (width, height), None
+
+
+def _full_check(path: Path) -> tuple[ImageSize | None, str | None]:
+    """As `_header_check`, then decode the pixels too (catches truncated pixel data)."""
+    size, problem = _header_check(path)
+    if problem is not None:
+        return size, problem
+    try:
+        with Image.open(path) as image:
+            image.verify()  # structure and checksums; catches most corruption cheaply
+        images.open_rgb(path)  # verify() misses truncated pixel data; decoding does not
+    except Exception as err:
+        return None, f"image file {path} cannot be read: {type(err).__name__}: {err}"
+    return size, None
+
+
+def _parallel(
+    fn: Callable[[T], R],
+    items: Sequence[T],
+    workers: int | None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[R]:
+    """fn over items in threads, results in order, in chunks so futures stay few."""
+    if not items:
+        return []
+    results: list[R] = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for start in range(0, len(items), _CHUNK):
+            for result in pool.map(fn, items[start : start + _CHUNK]):
+                results.append(result)
+                if progress is not None:
+                    progress(len(results), len(items))
+    return results
 
 
 def _record_name(record: object, index: int) -> str:
@@ -153,6 +393,8 @@ def _to_sample(record: object, generated_id: str) -> Sample:
             f"id must be a non-empty string or an integer, got {record['id']!r}", "id"
         )
     image = record.get("image")
+    if isinstance(image, list):
+        raise RecordError(f"{MULTI_IMAGE}; got {len(image)} paths", "image")
     if image is not None and not (isinstance(image, str) and image.strip()):
         raise RecordError(f"image must be one path string, got {image!r}", "image")
     _check_conversations(record.get("conversations"))
@@ -213,34 +455,3 @@ def _check_placeholders(sample: Sample) -> None:
             f"turn; found {where}",
             "conversations",
         )
-
-
-def _check_image(
-    rel_path: str, root: Path | None, cache: dict[Path, str | None], verify: bool
-) -> None:
-    if root is None:
-        raise ValueError(
-            f"records have images (e.g. {rel_path!r}) but no image root is set: "
-            f"set data.llava.image_root in params.yaml"
-        )
-    path = root / rel_path
-    if path not in cache:
-        cache[path] = _image_problem(path, verify)
-    if cache[path] is not None:
-        raise RecordError(cache[path], "image")
-
-
-def _image_problem(path: Path, verify: bool) -> str | None:
-    """Why the image cannot be used, or None."""
-    if not path.is_file():
-        return f"image file {path} does not exist"
-    if not verify:
-        return None
-    try:
-        with Image.open(path) as image:
-            image.verify()  # structure and checksums; catches most corruption cheaply
-        with Image.open(path) as image:
-            image.load()  # verify() misses truncated pixel data; decoding does not
-    except Exception as err:  # Pillow raises many types for bad files
-        return f"image file {path} cannot be read: {type(err).__name__}: {err}"
-    return None
