@@ -32,14 +32,15 @@ CONFIGS = ("all_lora", "region_lora", "region_full", "projector_only")
 
 def run_one(args: argparse.Namespace) -> dict:
     """One configuration in this process: returns per-step seconds and peak memory."""
+    import numpy as np
     import torch
 
-    from vregion.data.records import read_jsonl
+    from vregion.data.dataset import Part, RecordDataset, source_files, training_loader
     from vregion.devices import pick_device, resolve_precision
     from vregion.models.layer_map import layer_map
     from vregion.models.loading import load_lvlm
     from vregion.region.select import select_layers
-    from vregion.train.loop import ImageSet, train_steps
+    from vregion.train.loop import train_steps
     from vregion.train.selective import (
         LoraSettings,
         make_region_trainable,
@@ -60,22 +61,22 @@ def run_one(args: argparse.Namespace) -> dict:
     mode = "full" if args.one in ("region_full", "projector_only") else "lora"
     lora = LoraSettings(r=args.lora_r, alpha=2 * args.lora_r, dropout=0.05)
     model = make_region_trainable(model, layers, mode=mode, lora=lora).to(device)
-    samples = list(read_jsonl(Path(args.data) / "train" / "vqa.jsonl"))[
-        : args.batch_size * (args.steps + 1)
-    ]
-    data = ImageSet.load(samples, args.data)
+    records, root = source_files("synthetic/train/vqa", args.data)
+    rows = np.arange(args.batch_size * (args.warmup + args.steps + 1))
+    data = RecordDataset(
+        [Part("train", str(records), str(root), rows)], processor, args.system_prompt
+    )
+    # Loaded on the training thread (workers=0), so the step time includes the data's cost.
+    batches = training_loader(data, args.batch_size, device=device, seed=0, workers=0)
     groups = trainable_groups(model, projector_lr=2e-5, llm_lr=2e-4)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     curve = train_steps(
         model,
-        processor,
-        data,
+        batches,
         groups,
         steps=args.warmup + args.steps,
-        batch_size=args.batch_size,
         warmup_ratio=0.0,
-        system_prompt=args.system_prompt,
         precision=resolve_precision(args.precision, device),
         device=device,
         desc=args.one,

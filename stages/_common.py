@@ -49,18 +49,49 @@ def write_csv(path: str | Path, rows: list[dict], fields: list[str] | None = Non
         writer.writerows(rows)
 
 
-def run_stage(flow: Callable[..., object], description: str, argv: list[str] | None = None) -> int:
-    """`python -m stages.X [--params params.yaml]`: run the flow; bad config exits 2 with the fix."""
-    parser = argparse.ArgumentParser(prog=f"python -m {flow.__module__}", description=description)
+class _ActionableErrorsWithoutTraceback(logging.Filter):
+    """A bad config value or input file is the user's to fix: its message says how, and a
+    traceback in the flow run's log would only bury it."""
+
+    def __init__(self, kinds: tuple[type[BaseException], ...]):
+        super().__init__()
+        self.kinds = kinds
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], self.kinds):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def run_stage(
+    flow: Callable[..., object],
+    description: str,
+    argv: list[str] | None = None,
+    positional: tuple[str, str] | None = None,
+) -> int:
+    """`python -m stages.X [ARG] [--params params.yaml]`: run the flow; bad config or bad input
+    data exits 2 with the fix. `positional` = (name, help) of one argument passed to the flow."""
+    from vregion.data.llava_format import DataFileError
+
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {flow.__module__}",
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    if positional:
+        parser.add_argument(positional[0], help=positional[1])
     parser.add_argument(
         "--params", default="params.yaml", help="params file (default: params.yaml)"
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    kwargs = {positional[0]: getattr(args, positional[0])} if positional else {}
+    actionable = (ConfigError, FileNotFoundError, DataFileError)
+    logging.getLogger("prefect.flow_runs").addFilter(_ActionableErrorsWithoutTraceback(actionable))
     try:
         load_params(args.params)  # fail fast, before a Prefect server is started for nothing
-        flow(params=args.params)
-    except (ConfigError, FileNotFoundError) as err:
+        flow(params=args.params, **kwargs)
+    except actionable as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

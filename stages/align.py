@@ -1,6 +1,7 @@
 """align: stage-1 alignment, training the projector with the LLM frozen (models/aligned/).
 
-Writes the loss curve (DVC plot) and the held-out caption loss before/after, beside the same
+Trains on `align.data` (the synthetic captions, or LLaVA-Pretrain-style caption records from
+`data.sources`), streamed through a DataLoader. Writes the loss curve (DVC plot) and the held-out caption loss before/after, beside the same
 loss with images shuffled across captions, so the metrics show whether the image is used.
 """
 
@@ -14,7 +15,7 @@ from prefect import flow
 
 from stages._common import run_stage, write_csv, write_json
 from vregion.config import load_params
-from vregion.data.records import read_jsonl
+from vregion.data.dataset import RecordDataset, resolve_mix, sample_parts
 from vregion.devices import pick_device, resolve_precision
 from vregion.models.base import save_checkpoint
 from vregion.models.loading import load_lvlm
@@ -28,11 +29,6 @@ METRICS = "metrics/align.json"
 CURVE = "metrics/align_loss.csv"
 
 
-def image_set(path: str, limit: int | None = None) -> ImageSet:
-    samples = list(read_jsonl(path))[:limit]
-    return ImageSet.load(samples, DATA)
-
-
 @flow(name="align", log_prints=True)
 def align(params: str = "params.yaml") -> dict:
     p = load_params(params)
@@ -41,8 +37,11 @@ def align(params: str = "params.yaml") -> dict:
     precision = resolve_precision(p.align.precision, device)
     model, processor = load_lvlm(BASE)
     model.to(device)
-    train = image_set(f"{DATA}/train/captions.jsonl")
-    held_out = image_set(f"{DATA}/eval/captions.jsonl", p.align.eval_samples)
+    seed = p.model.seed
+    train = RecordDataset(resolve_mix(p.align.data, seed, DATA), processor, p.model.system_prompt)
+    held_out = ImageSet.from_parts(
+        sample_parts(resolve_mix(p.align.eval_data, seed, DATA), p.align.eval_samples, seed)
+    )
     result = train_alignment(
         model,
         processor,
@@ -52,8 +51,9 @@ def align(params: str = "params.yaml") -> dict:
         p.model.system_prompt,
         precision=precision,
         device=device,
-        seed=p.model.seed,
+        seed=seed,
     )
+    result.metrics["data"] = [m.source for m in p.align.data]
     shutil.rmtree(OUT, ignore_errors=True)
     save_checkpoint(model.to("cpu"), processor, OUT)
     write_csv(CURVE, result.curve)

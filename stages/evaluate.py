@@ -2,8 +2,8 @@
 
 For the aligned, tuned and pruned models (and any `evaluate.extra_models`, e.g. an all-layer
 baseline): held-out visual accuracy per question kind beside the blind control (images shuffled
-across questions) and chance; exact match on a LLaVA-format eval set when `data.llava.eval` is
-given; text skill against the base LLM; prefill/decode tokens/s; parameters; size on disk; peak
+across questions) and chance on each multiple-choice set of `evaluate.data`; exact match beside
+the blind control on each set without choices (LLaVA-format records from `data.sources`); text skill against the base LLM; prefill/decode tokens/s; parameters; size on disk; peak
 memory (each model in its own process). Then the accuracy of the tuned model with 0, 1, 2, ...
 layers removed in the prune stage's order: the layers-removed curve.
 """
@@ -18,10 +18,10 @@ from prefect import flow, task
 
 from stages._common import run_stage, write_csv, write_json
 from vregion.config import ConfigError, Params, load_params
-from vregion.data.records import read_jsonl
+from vregion.data.dataset import balanced_parts, part_to_dict, resolve_mix
 from vregion.devices import pick_device, resolve_precision
 from vregion.eval.checkpoint import EvalJob, checkpoint_exists, evaluate_isolated
-from vregion.eval.visual import accuracy_table, predict_choices, stratified
+from vregion.eval.visual import accuracy_table, predict_choices
 from vregion.models.loading import load_lvlm
 from vregion.plots import accuracy_chart, line_chart, note_chart
 from vregion.prune import temporarily_pruned
@@ -38,23 +38,27 @@ ACCURACY_PNG = "reports/plots/eval_accuracy.png"
 CURVE_PNG = "reports/plots/prune_curve.png"
 
 
-def eval_ids(p: Params) -> list[str]:
-    samples = list(read_jsonl(f"{DATA}/eval/vqa.jsonl"))
-    return [s.id for s in stratified(samples, p.evaluate.samples, p.model.seed)]
+def eval_sets(p: Params) -> dict[str, list[dict]]:
+    """Each `evaluate.data` entry as its own held-out set, the same rows for every model."""
+    return {
+        entry.source: [
+            part_to_dict(part)
+            for part in balanced_parts(
+                resolve_mix([entry], p.model.seed, DATA), p.evaluate.samples, p.model.seed
+            )
+        ]
+        for entry in p.evaluate.data
+    }
 
 
-def eval_job(p: Params, checkpoint: str, ids: list[str] | None, visual: bool = True) -> EvalJob:
+def eval_job(
+    p: Params, checkpoint: str, sets: dict[str, list[dict]], visual: bool = True
+) -> EvalJob:
     e = p.evaluate
-    llava = Path(DATA, "llava", "eval.jsonl")
-    source = Path(DATA, "llava", "source.json")
     return EvalJob(
         checkpoint=checkpoint,
         system_prompt=p.model.system_prompt,
-        image_root=DATA,
-        vqa=f"{DATA}/eval/vqa.jsonl" if visual else None,
-        vqa_ids=ids,
-        llava_eval=str(llava) if visual and llava.is_file() else None,
-        llava_image_root=json.loads(source.read_text())["image_root"] if source.is_file() else None,
+        sets=sets if visual else {},
         text_items=f"{DATA}/text/text_skill.jsonl" if e.text else None,
         batch_size=e.batch_size,
         precision=e.precision,
@@ -76,10 +80,9 @@ def prune_curve(p: Params) -> list[dict]:
     """Visual accuracy of the tuned model with the first k layers of the prune ranking removed."""
     ranking = json.loads(Path(PRUNE).read_text())["ranking_outside_region"]
     ks = [k for k in p.evaluate.prune_curve if k <= len(ranking)]
-    samples = stratified(
-        list(read_jsonl(f"{DATA}/eval/vqa.jsonl")), p.evaluate.curve_samples, p.model.seed
-    )
-    data = ImageSet.load(samples, DATA)
+    source = next(e for e in p.evaluate.data if e.source.startswith("synthetic/"))
+    parts = resolve_mix([source], p.model.seed, DATA)
+    data = ImageSet.from_parts(balanced_parts(parts, p.evaluate.curve_samples, p.model.seed))
     device = pick_device()
     model, processor = load_lvlm(MODELS["tuned"])
     model.to(device).eval()
@@ -144,13 +147,15 @@ def evaluate(params: str = "params.yaml") -> dict:
         raise ConfigError(
             f"evaluate.baseline: {p.evaluate.baseline!r} is not one of {sorted(models)}"
         )
-    ids = eval_ids(p)
-    results = {name: measure(name, eval_job(p, path, ids)) for name, path in models.items()}
+    sets = eval_sets(p)
+    results = {name: measure(name, eval_job(p, path, sets)) for name, path in models.items()}
     base_text = None
     if p.evaluate.text:
-        base_text = measure("base LLM (text only)", eval_job(p, BASE, None, visual=False))["text"]
+        base_text = measure("base LLM (text only)", eval_job(p, BASE, {}, visual=False))["text"]
     add_comparisons(results, base_text, p.evaluate.baseline)
-    curve = prune_curve(p) if p.evaluate.prune_curve else []
+    # The curve reads kinds and choices: it needs a synthetic multiple-choice set.
+    with_choices = any(e.source.startswith("synthetic/") for e in p.evaluate.data)
+    curve = prune_curve(p) if p.evaluate.prune_curve and with_choices else []
     write_json(
         METRICS,
         {
@@ -171,15 +176,19 @@ def evaluate(params: str = "params.yaml") -> dict:
                 "chance": row["chance"],
             }
             for name, r in results.items()
-            for kind, row in r["visual"].items()
+            for kind, row in r.get("visual", {}).items()
         ],
+        fields=["model", "kind", "accuracy", "blind", "chance"],
     )
     write_csv(
         CURVE_CSV,
         [{"layers_removed": r["layers_removed"], "accuracy": r["accuracy"]} for r in curve],
         fields=["layers_removed", "accuracy"],
     )
-    accuracy_chart({n: r["visual"] for n, r in results.items()}, ACCURACY_PNG)
+    if all("visual" in r for r in results.values()):
+        accuracy_chart({n: r["visual"] for n, r in results.items()}, ACCURACY_PNG)
+    else:
+        note_chart(ACCURACY_PNG, "No multiple-choice set in evaluate.data: see open_answer.")
     if curve:
         line_chart(
             {"tuned model": ([r["layers_removed"] for r in curve], [r["accuracy"] for r in curve])},
@@ -191,10 +200,14 @@ def evaluate(params: str = "params.yaml") -> dict:
     else:  # still a declared output of the stage
         note_chart(CURVE_PNG, "No layers-removed curve: evaluate.prune_curve is empty.")
     for name, r in results.items():
-        v = r["visual"]["overall"]
-        print(
-            f"{name}: accuracy {v['accuracy']:.3f} (blind {v['blind']:.3f}), {r['num_layers']} layers"
-        )
+        for set_name, v in {
+            **{k: t["overall"] for k, t in r.get("visual_sets", {}).items()},
+            **r.get("open_answer", {}),
+        }.items():
+            print(
+                f"{name} on {set_name}: accuracy {v['accuracy']:.3f} (blind {v['blind']:.3f}), "
+                f"{r['num_layers']} layers"
+            )
     return results
 
 

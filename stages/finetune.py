@@ -23,15 +23,15 @@ import torch
 from prefect import flow
 
 from stages._common import log, run_stage, write_csv, write_json
-from vregion.config import ConfigError, Params, load_params
-from vregion.data.records import read_jsonl
+from vregion.config import ConfigError, DataMix, Params, load_params
+from vregion.data.dataset import balanced_parts, resolve_mix, total_steps
 from vregion.devices import gpu_available, pick_device, resolve_precision
 from vregion.distributed import forget_run, local_ray
-from vregion.eval.visual import stratified, visual_accuracy
+from vregion.eval.visual import visual_accuracy
 from vregion.models.loading import load_lvlm
-from vregion.plots import accuracy_chart
-from vregion.train.finetune import FinetuneJob, export_tuned, run_finetune
-from vregion.train.loop import ImageSet
+from vregion.plots import accuracy_chart, note_chart
+from vregion.train.finetune import FinetuneJob, export_tuned, job_dataset, run_finetune
+from vregion.train.loop import ImageSet, deranged, mean_answer_loss
 
 ALIGNED = "models/aligned"
 DATA = "data"
@@ -55,16 +55,18 @@ def region_layers(path: str = REGION) -> list[int]:
 
 def build_job(p: Params, layers: list[int]) -> FinetuneJob:
     f = p.finetune
+    data_dir = str(Path(DATA).resolve())  # Ray workers do not share our working directory
+    records = sum(len(part.rows) for part in resolve_mix(f.data, p.model.seed, data_dir))
     return FinetuneJob(
-        aligned=str(Path(ALIGNED).resolve()),  # Ray workers do not share our working directory
-        records=str(Path(DATA, "train", "vqa.jsonl").resolve()),
-        image_root=str(Path(DATA).resolve()),
+        aligned=str(Path(ALIGNED).resolve()),
+        data=[m.model_dump() for m in f.data],
+        data_dir=data_dir,
         layers=layers,
         mode=f.mode,
         lora={"r": f.lora_r, "alpha": f.lora_alpha, "dropout": f.lora_dropout},
         projector_lr=f.projector_lr,
         llm_lr=f.llm_lr,
-        steps=f.steps,
+        steps=total_steps(f.steps, f.epochs, records, f.batch_size, f.num_workers, f.grad_accum),
         batch_size=f.batch_size,
         grad_accum=f.grad_accum,
         warmup_ratio=f.warmup_ratio,
@@ -75,21 +77,29 @@ def build_job(p: Params, layers: list[int]) -> FinetuneJob:
         checkpoint_every=f.checkpoint_every,
         train_vision=f.train_vision,
         parallel=f.parallel,
+        loader_workers=f.loader.workers,
+        prefetch_factor=f.loader.prefetch_factor,
+        group_by_length=f.loader.group_by_length,
     )
 
 
 def run_name(job: FinetuneJob) -> str:
     """Same job, same name: a rerun after an interruption finds and resumes its checkpoints."""
-    settings = {
-        k: v for k, v in asdict(job).items() if k not in ("aligned", "records", "image_root")
-    }
-    aligned = Path(job.aligned, "model.safetensors")
-    stamp = aligned.stat().st_mtime_ns if aligned.is_file() else 0  # a new aligned model: new run
-    digest = hashlib.sha1(json.dumps([settings, stamp], sort_keys=True).encode()).hexdigest()
+    settings = {k: v for k, v in asdict(job).items() if k not in ("aligned", "data_dir")}
+    # A new aligned model or new records (a rerun of prepare/ingest): a new run.
+    files = [Path(job.aligned, "model.safetensors")]
+    files += [
+        Path(part.records)
+        for part in resolve_mix([DataMix(**d) for d in job.data], job.seed, job.data_dir)
+    ]
+    stamps = [f.stat().st_mtime_ns if f.is_file() else 0 for f in files]
+    digest = hashlib.sha1(json.dumps([settings, stamps], sort_keys=True).encode()).hexdigest()
     return f"finetune-{digest[:12]}"
 
 
-def train_metrics(result_metrics: dict, curve: list[dict], job: FinetuneJob, use_gpu: bool) -> dict:
+def train_metrics(
+    result_metrics: dict, curve: list[dict], job: FinetuneJob, use_gpu: bool, records: int
+) -> dict:
     steps = [row["seconds"] for row in curve[1:]] or [row["seconds"] for row in curve]
     per_step = statistics.median(steps)  # the first step pays for warm-up
     world = result_metrics["world_size"]
@@ -97,6 +107,9 @@ def train_metrics(result_metrics: dict, curve: list[dict], job: FinetuneJob, use
     return {
         "region": job.layers,
         "region_size": len(job.layers),
+        "data": [d["source"] for d in job.data],
+        "train_records": records,
+        "epochs": round(len(curve) * job.batch_size * job.grad_accum * world / records, 3),
         "mode": job.mode,
         "parallel": job.parallel if world > 1 else "none",
         "steps": len(curve),
@@ -118,23 +131,37 @@ def train_metrics(result_metrics: dict, curve: list[dict], job: FinetuneJob, use
     }
 
 
-def check_vision(p: Params) -> dict:
-    """Held-out accuracy of the merged tuned model, with the blind control."""
+def check_vision(p: Params) -> tuple[str, dict]:
+    """The merged tuned model on held-out records, beside the blind control: accuracy per kind
+    when the records carry `choices`, else the answer loss (lower is better)."""
     f = p.finetune
-    samples = stratified(list(read_jsonl(f"{DATA}/eval/vqa.jsonl")), f.eval_samples, p.model.seed)
+    parts = resolve_mix(f.eval_data, p.model.seed, DATA)
+    held_out = ImageSet.from_parts(balanced_parts(parts, f.eval_samples, p.model.seed))
     device = pick_device()
     model, processor = load_lvlm(f"{OUT}/merged")
     model.to(device)
-    return visual_accuracy(
-        model,
-        processor,
-        ImageSet.load(samples, DATA),
-        p.model.system_prompt,
+    kw = dict(precision=resolve_precision(f.precision, device), device=device)
+    if all(s.choices for s in held_out.samples):
+        return "visual", visual_accuracy(
+            model,
+            processor,
+            held_out,
+            p.model.system_prompt,
+            batch_size=f.eval_batch_size,
+            seed=p.model.seed,
+            **kw,
+        )
+    data, n = held_out, len(held_out)
+    args = (model, processor, data, p.model.system_prompt)
+    loss = mean_answer_loss(*args, batch_size=f.eval_batch_size, **kw)
+    blind = mean_answer_loss(
+        *args,
         batch_size=f.eval_batch_size,
-        precision=resolve_precision(f.precision, device),
-        device=device,
-        seed=p.model.seed,
+        images=deranged(data.images, p.model.seed),
+        desc="blind",
+        **kw,
     )
+    return "answer_loss", {"overall": {"loss": round(loss, 5), "blind": round(blind, 5), "n": n}}
 
 
 @flow(name="finetune", log_prints=True)
@@ -157,27 +184,37 @@ def finetune(params: str = "params.yaml") -> dict:
         exported = export_tuned(job, ckpt, OUT)
     forget_run(name, RUNS)  # exported: a later run with this name must start afresh
     curve = exported["curve"]
-    metrics = train_metrics(result.metrics, curve, job, use_gpu)
+    records = len(job_dataset(job, None))
+    metrics = train_metrics(result.metrics, curve, job, use_gpu, records)
     write_csv(CURVE, [{"step": r["step"], "loss": r["loss"], "lr": r["lr"]} for r in curve])
-    visual = check_vision(p)
-    metrics["visual"] = visual
-    write_csv(
-        ACCURACY,
-        [
-            {"kind": k, "accuracy": v["accuracy"], "blind": v["blind"], "chance": v["chance"]}
-            for k, v in visual.items()
-        ],
-    )
-    accuracy_chart({"tuned": visual}, CHART, title=f"Tuned model ({job.mode}, layers {job.layers})")
+    measure, held_out = check_vision(p)
+    metrics[measure] = held_out
+    if measure == "visual":
+        write_csv(
+            ACCURACY,
+            [
+                {"kind": k, "accuracy": v["accuracy"], "blind": v["blind"], "chance": v["chance"]}
+                for k, v in held_out.items()
+            ],
+        )
+        accuracy_chart(
+            {"tuned": held_out}, CHART, title=f"Tuned model ({job.mode}, layers {job.layers})"
+        )
+        o = held_out["overall"]
+        summary = f"visual accuracy {o['accuracy']:.3f} (blind {o['blind']:.3f}, chance {o['chance']:.3f})"
+    else:  # records without choices: the declared outputs say what was measured instead
+        o = held_out["overall"]
+        write_csv(
+            ACCURACY, [{"kind": "answer_loss", "accuracy": None, "blind": None, "chance": None}]
+        )
+        note_chart(
+            CHART,
+            f"Held-out answer loss {o['loss']:.3f} (blind {o['blind']:.3f}): "
+            "the eval records have no choices, so no accuracy per kind.",
+        )
+        summary = f"held-out answer loss {o['loss']:.3f} (blind {o['blind']:.3f})"
     write_json(METRICS, metrics)
-    o = visual["overall"]
-    log.info(
-        "tuned: %.3f s/step, visual accuracy %.3f (blind %.3f, chance %.3f)",
-        metrics["seconds_per_step"],
-        o["accuracy"],
-        o["blind"],
-        o["chance"],
-    )
+    log.info("tuned: %.3f s/step, %s", metrics["seconds_per_step"], summary)
     return metrics
 
 

@@ -3,10 +3,13 @@
 - synthetic visual QA (train/eval splits sharing no image): captions for `align`, short-answer
   questions for `finetune` and `evaluate`, scene descriptions;
 - the text-skill set (how much of the LLM's text ability survives tuning);
-- optional LLaVA-format records (`data.llava`), validated;
+- beside each records file its index (`<file>.index.npz`: byte offsets, token lengths, image
+  flags), so later stages stream records one at a time and batch them by length;
 - data/quarantine.json: every record skipped (file, record id, field, reason), counted in
   metrics/prepare.json. Samples longer than `data.max_tokens` with the base model's processor
   are skipped too, never truncated.
+
+Real LLaVA-format data is validated by the `ingest@<name>` stages (stages/ingest.py).
 """
 
 from __future__ import annotations
@@ -21,14 +24,17 @@ from prefect import flow
 from tqdm.auto import tqdm
 
 from stages._common import run_stage, write_json
-from vregion.config import ConfigError, load_params
-from vregion.data import llava_format, synthetic, text_skill
-from vregion.data.encode import count_tokens, load_image
+from vregion.config import load_params
+from vregion.data import synthetic, text_skill
+from vregion.data.dataset import write_index
+from vregion.data.encode import count_tokens
 from vregion.data.records import Quarantine, read_jsonl, write_jsonl
 from vregion.models.loading import load_processor
 
 BASE = "models/base"
 OUT = Path("data")
+OUTPUTS = ("train", "eval", "images", "text", "quarantine.json")  # as dvc.yaml lists them
+# (and data/sources/README.md; the folders beside it belong to the ingest stages)
 METRICS = "metrics/prepare.json"
 
 
@@ -40,10 +46,11 @@ def drop_overlong(
     system_prompt: str,
     quarantine: Quarantine,
 ) -> int:
-    """Rewrite a synthetic JSONL without samples over `max_tokens`; returns how many remain."""
+    """Rewrite a synthetic JSONL without samples over `max_tokens`, with its index; returns how
+    many remain."""
     # Synthetic images all have one size, so one blank image stands in for the token count.
     blank = Image.new("RGB", (image_size, image_size))
-    kept = []
+    kept, lengths = [], []
     for s in tqdm(list(read_jsonl(path)), desc=f"length check {path.parent.name}/{path.name}"):
         n = count_tokens(processor, s, blank if s.image else None, system_prompt)
         if n > max_tokens:
@@ -52,7 +59,10 @@ def drop_overlong(
             )
         else:
             kept.append(s)
-    return write_jsonl(path, kept)
+            lengths.append(n)
+    n = write_jsonl(path, kept)
+    write_index(path, lengths, [s.image is not None for s in kept])
+    return n
 
 
 @flow(name="prepare", log_prints=True)
@@ -62,7 +72,8 @@ def prepare(params: str = "params.yaml") -> dict:
     if not Path(BASE).is_dir():
         raise FileNotFoundError(f"{BASE} is missing: run `dvc repro base` first")
     processor = load_processor(BASE)
-    shutil.rmtree(OUT, ignore_errors=True)
+    for name in OUTPUTS:  # data/sources/ belongs to the ingest stages
+        shutil.rmtree(OUT / name, ignore_errors=True)
     quarantine = Quarantine()
     metrics: dict = {"synthetic": {}}
     for split, n_images in (("train", d.train_images), ("eval", d.eval_images)):
@@ -86,39 +97,20 @@ def prepare(params: str = "params.yaml") -> dict:
             )
             metrics["synthetic"][f"{split}_{name}"] = kept
         metrics["synthetic"][f"{split}_kinds"] = kinds
+    readme = OUT / "sources" / "README.md"
+    readme.parent.mkdir(parents=True, exist_ok=True)
+    readme.write_text(
+        "Validated real data sources, one folder each, written by the `ingest@<name>` stages\n"
+        "(params `data.sources`): records.jsonl, its index, quarantine.json, source.json.\n"
+    )
     items = text_skill.build_text_set(d.text_items, seed=d.seed)
     text_skill.write_text_set(OUT / "text" / "text_skill.jsonl", items)
     metrics["text_items"] = dict(Counter(i["type"] for i in items))
-    metrics["llava"] = ingest_llava(p, processor, quarantine)
     quarantine.write(OUT / "quarantine.json")
     metrics["quarantined"] = len(quarantine.entries)
     metrics["quarantined_by_file"] = quarantine.counts()
     write_json(METRICS, metrics)
     return metrics
-
-
-def ingest_llava(p, processor, quarantine: Quarantine) -> dict:
-    """Validate the optional LLaVA-format files into data/llava/{train,eval}.jsonl."""
-    cfg = p.data.llava
-    if not (cfg.train or cfg.eval):  # still written, so later stages can depend on data/llava
-        write_json(OUT / "llava" / "source.json", {"image_root": None})
-        return {}
-    if not cfg.image_root:
-        raise ConfigError("data.llava.image_root is required when data.llava.train or .eval is set")
-    root = Path(cfg.image_root)
-
-    def length(sample) -> int:
-        return count_tokens(processor, sample, load_image(root, sample), p.model.system_prompt)
-
-    counts = {}
-    for split, path in (("train", cfg.train), ("eval", cfg.eval)):
-        if path:
-            records = llava_format.load_llava_records(
-                path, root, quarantine, length_fn=length, max_tokens=p.data.max_tokens
-            )
-            counts[split] = write_jsonl(OUT / "llava" / f"{split}.jsonl", records)
-    write_json(OUT / "llava" / "source.json", {"image_root": str(root.resolve()), **counts})
-    return counts
 
 
 if __name__ == "__main__":

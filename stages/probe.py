@@ -9,7 +9,6 @@ region is not chosen here, so that every region strategy and size shares these s
 from __future__ import annotations
 
 import copy
-import random
 import sys
 
 import torch
@@ -17,7 +16,7 @@ from prefect import flow
 
 from stages._common import run_stage, write_csv, write_json
 from vregion.config import load_params
-from vregion.data.records import read_jsonl
+from vregion.data.dataset import RecordDataset, resolve_mix, sample_parts, training_loader
 from vregion.devices import pick_device, resolve_precision
 from vregion.models.layer_map import layer_map
 from vregion.models.loading import load_lvlm
@@ -32,13 +31,7 @@ SCORES_CSV = "reports/layer_scores.csv"
 METRICS = "metrics/probe.json"
 
 
-def probe_subset(n: int, seed: int) -> ImageSet:
-    samples = list(read_jsonl(f"{DATA}/train/vqa.jsonl"))
-    samples = random.Random(seed).sample(samples, min(n, len(samples)))
-    return ImageSet.load(samples, DATA)
-
-
-def probe_tune(model, processor, data: ImageSet, p, device, precision):
+def probe_tune(model, processor, data: RecordDataset, p, device, precision):
     """A short all-layer LoRA tuning on a copy; returns the merged tuned model and its curve."""
     lmap = layer_map(model)
     lora = LoraSettings(r=p.probe.lora_r, alpha=2 * p.probe.lora_r, dropout=0.05)
@@ -46,18 +39,17 @@ def probe_tune(model, processor, data: ImageSet, p, device, precision):
         copy.deepcopy(model), range(lmap.num_layers), mode="lora", lora=lora
     )
     groups = trainable_groups(tuned, projector_lr=p.probe.tune_lr, llm_lr=p.probe.tune_lr)
+    batches = training_loader(
+        data, min(p.probe.batch_size, len(data)), device=device, seed=p.model.seed, workers=0
+    )
     curve = train_steps(
         tuned,
-        processor,
-        data,
+        batches,
         groups,
         steps=p.probe.tune_steps,
-        batch_size=p.probe.batch_size,
         warmup_ratio=0.1,
-        system_prompt=p.model.system_prompt,
         precision=precision,
         device=device,
-        seed=p.model.seed,
         desc="probe tuning (all layers)",
     )
     return tuned.merge_and_unload().eval(), curve
@@ -70,11 +62,15 @@ def probe(params: str = "params.yaml") -> dict:
     device = pick_device()
     model, processor = load_lvlm(ALIGNED)
     model.to(device)
-    data = probe_subset(p.probe.samples, p.model.seed)
+    subset = sample_parts(
+        resolve_mix(p.probe.data, p.model.seed, DATA), p.probe.samples, p.model.seed
+    )
+    data = ImageSet.from_parts(subset)
     scored, reference, curve = model, None, []
     if p.probe.tune_steps > 0:
         precision = resolve_precision(p.probe.precision, device)
-        scored, curve = probe_tune(model, processor, data, p, device, precision)
+        tune_data = RecordDataset(subset, processor, p.model.system_prompt)
+        scored, curve = probe_tune(model, processor, tune_data, p, device, precision)
         reference = model
     batches = list(batches_of(processor, data, p.model.system_prompt, p.probe.batch_size))
     scores = score_layers(scored, batches, p.probe.scorers, reference_model=reference)

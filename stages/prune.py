@@ -1,7 +1,7 @@
 """prune: remove the least important LLM layers outside the visual region (models/pruned/).
 
-Ranks the tuned model's layers by angular distance (or block influence) on held-out visual
-questions, removes the `prune.layers` lowest outside the region (or `prune.explicit`), and saves
+Ranks the tuned model's layers by angular distance (or block influence) on calibration records
+(`prune.data`: held-out synthetic questions by default, or real records), removes the `prune.layers` lowest outside the region (or `prune.explicit`), and saves
 an ordinary HF checkpoint with fewer layers. Region layers are never removed. Healing (a short
 LoRA pass on the remaining region) is optional and off by default, as in the paper.
 """
@@ -16,10 +16,9 @@ from prefect import flow
 from stages._common import run_stage, write_json
 from stages.finetune import region_layers
 from vregion.config import ConfigError, Params, load_params
-from vregion.data.records import read_jsonl
+from vregion.data.dataset import RecordDataset, balanced_parts, resolve_mix, training_loader
 from vregion.devices import pick_device, resolve_precision
 from vregion.eval.speed import parameter_count
-from vregion.eval.visual import stratified
 from vregion.models.base import save_checkpoint
 from vregion.models.layer_map import layer_map
 from vregion.models.loading import load_lvlm
@@ -41,22 +40,27 @@ def heal(model, processor, region_after: list[int], p: Params, device):
     f = p.finetune
     lora = LoraSettings(r=f.lora_r, alpha=f.lora_alpha, dropout=f.lora_dropout)
     model = make_region_trainable(model, region_after, mode="lora", lora=lora)
-    train = ImageSet.load(list(read_jsonl(f"{DATA}/train/vqa.jsonl")), DATA)
+    train = RecordDataset(resolve_mix(f.data, p.model.seed, DATA), processor, p.model.system_prompt)
+    batches = training_loader(
+        train, f.batch_size, device=device, seed=p.model.seed, workers=f.loader.workers
+    )
     curve = train_steps(
         model,
-        processor,
-        train,
+        batches,
         trainable_groups(model, projector_lr=f.projector_lr, llm_lr=p.prune.heal_lr),
         steps=p.prune.heal_steps,
-        batch_size=f.batch_size,
         warmup_ratio=f.warmup_ratio,
-        system_prompt=p.model.system_prompt,
         precision=resolve_precision(f.precision, device),
         device=device,
-        seed=p.model.seed,
         desc="healing",
     )
     return model.merge_and_unload(), curve
+
+
+def calibration_set(p: Params) -> ImageSet:
+    """`prune.samples` records of `prune.data`: balanced over kinds when they have kinds."""
+    parts = resolve_mix(p.prune.data, p.model.seed, DATA)
+    return ImageSet.from_parts(balanced_parts(parts, p.prune.samples, p.model.seed))
 
 
 @flow(name="prune", log_prints=True)
@@ -71,8 +75,7 @@ def prune(params: str = "params.yaml") -> dict:
     if any(not 0 <= i < num_layers for i in protected):
         raise ConfigError(f"prune.protect: {protected} has layers outside 0..{num_layers - 1}")
     params_before = parameter_count(model)
-    samples = stratified(list(read_jsonl(f"{DATA}/eval/vqa.jsonl")), p.prune.samples, p.model.seed)
-    data = ImageSet.load(samples, DATA)
+    data = calibration_set(p)
     batches = list(batches_of(processor, data, p.model.system_prompt, p.prune.batch_size))
     scores = score_layers(model, batches, [p.prune.scorer])[p.prune.scorer]
     try:

@@ -158,9 +158,13 @@ def summary(p) -> str:
         f"Healing steps: {prune['healing_steps']}.",
         "![prune scores](plots/prune_scores.png)",
         "## Visual accuracy",
-        visual_section(models, ev.get("baseline")),
     ]
-    if "tuned" in models:
+    with_choices = all("visual" in r for r in models.values())
+    if with_choices:
+        parts.append(visual_section(models, ev.get("baseline")))
+    else:
+        parts.append("No multiple-choice set in `evaluate.data`: see the exact-match table below.")
+    if "tuned" in models and with_choices:
         tuned = models["tuned"]["visual"]["overall"]
         parts.append(
             f"The tuned model answers {tuned['accuracy']:.3f} with the right images against "
@@ -192,14 +196,15 @@ def summary(p) -> str:
         "differ by machine noise as well; for ratios measured side by side run "
         "`python benchmarks/prune_speed.py`.",
     ]
-    llava = {k: r["llava_eval"] for k, r in models.items() if "llava_eval" in r}
-    if llava:
+    rows = [
+        [model, name, v["accuracy"], v["blind"], v["n"]]
+        for model, r in models.items()
+        for name, v in r.get("open_answer", {}).items()
+    ]
+    if rows:
         parts += [
-            "## LLaVA-format eval set (exact match)",
-            table(
-                ["model", "accuracy", "blind", "n"],
-                [[k, v["accuracy"], v["blind"], v["n"]] for k, v in llava.items()],
-            ),
+            "## Held-out sets without choices (exact match of the greedy answer)",
+            table(["model", "set", "accuracy", "blind", "n"], rows),
         ]
     return "\n\n".join(parts) + "\n"
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from vregion.data import synthetic
+from vregion.data.dataset import index_records
 from vregion.train.finetune import FinetuneJob, export_tuned, run_finetune
 
 
@@ -32,9 +33,10 @@ def ray_runtime():
 
 
 @pytest.fixture(scope="module")
-def vqa(tmp_path_factory):
+def vqa(tmp_path_factory, tiny_processor):
     out = tmp_path_factory.mktemp("vqa")
     synthetic.build_split(out, "train", 24, seed=0, questions_per_image=2)
+    index_records(out / "train" / "vqa.jsonl", out, tiny_processor, "Answer briefly.")
     return out
 
 
@@ -42,8 +44,8 @@ def _job(tiny_embedded_dir, vqa, **kw) -> FinetuneJob:
     base, _ = tiny_embedded_dir
     defaults = dict(
         aligned=str(base),
-        records=str(vqa / "train" / "vqa.jsonl"),
-        image_root=str(vqa),
+        data=[{"source": "synthetic/train/vqa"}],
+        data_dir=str(vqa),
         layers=[1, 3],
         mode="full",
         projector_lr=1e-3,
@@ -146,7 +148,7 @@ def dies_after_first_checkpoint(config: dict) -> None:
 
     from vregion.train.finetune import finetune_worker
 
-    marker = Path(config["job"]["records"]).with_name("died-at-step")
+    marker = Path(config["job"]["data_dir"], "train", "died-at-step")
     report = ray.train.report
 
     def report_then_die(metrics, checkpoint=None, **kwargs):

@@ -266,8 +266,8 @@ def test_dvc_command_and_error_classes():
     py = [sys.executable, "-m", "dvc"]
     assert dvc_command() == [*py, "repro"]
     assert dvc_command(["prepare"]) == [*py, "repro", "prepare"]
-    assert dvc_command(None, {"align.steps": 50, "data.llava": None}) == [
-        *py, "exp", "run", "-S", "align.steps=50", "-S", "data.llava=null",
+    assert dvc_command(None, {"align.steps": 50, "region.layers": None}) == [
+        *py, "exp", "run", "-S", "align.steps=50", "-S", "region.layers=null",
     ]  # fmt: skip
     assert dvc_command(["align"], experiment=True) == [*py, "exp", "run", "align"]
     transient = "cannot reach the S3 endpoint http://x:1: is the server running?"

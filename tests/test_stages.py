@@ -1,5 +1,6 @@
-"""Stage entry points: bad config stops a stage with the field named; prepare quarantines bad
-LLaVA records and keeps the valid ones, under a real Prefect test harness."""
+"""Stage entry points: bad config stops a stage with the field named; ingest quarantines bad
+LLaVA records and keeps the valid ones, under a real Prefect test harness, and stops with exit 2
+on a file that yields no record."""
 
 from __future__ import annotations
 
@@ -81,10 +82,11 @@ def _llava_dir(root: Path) -> tuple[Path, Path]:
     return path, images
 
 
-def test_prepare_quarantines_bad_llava_records_and_keeps_valid_ones(
+def test_ingest_quarantines_bad_llava_records_and_keeps_valid_ones(
     tmp_path, monkeypatch, tiny_embedded_dir, prefect_harness
 ):
-    from stages.prepare import prepare
+    from stages.ingest import ingest
+    from vregion.data.dataset import RecordFile
 
     base, _ = tiny_embedded_dir
     shutil.copytree(base, tmp_path / "models" / "base")
@@ -92,23 +94,19 @@ def test_prepare_quarantines_bad_llava_records_and_keeps_valid_ones(
     params = {
         "model": {"base": "embedded-tiny"},
         "data": {
-            "train_images": 12,
-            "eval_images": 4,
-            "text_items": 10,
             "max_tokens": 128,
-            "llava": {"train": str(train), "image_root": str(images)},
+            "sources": {"mine": {"records": str(train), "image_root": str(images)}},
         },
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
-    metrics = prepare(params="params.yaml")
+    metrics = ingest(source="mine", params="params.yaml")
 
-    kept = [
-        json.loads(line)["id"]
-        for line in (tmp_path / "data/llava/train.jsonl").read_text().splitlines()
-    ]
-    assert kept == ["ok-1", "ok-2"]
-    report = json.loads((tmp_path / "data/quarantine.json").read_text())
+    out = tmp_path / "data/sources/mine"
+    records = RecordFile(out / "records.jsonl")
+    assert [records[i].id for i in range(len(records))] == ["ok-1", "ok-2"]
+    assert records.has_image.tolist() == [True, False] and records.lengths[0] > 16
+    report = json.loads((out / "quarantine.json").read_text())
     reasons = {e["record"]: e for e in report["entries"]}
     assert set(reasons) == {
         "missing-image",
@@ -122,11 +120,41 @@ def test_prepare_quarantines_bad_llava_records_and_keeps_valid_ones(
     assert reasons["no-conversations"]["field"] == "conversations"
     assert all(e["file"] == str(train) for e in report["entries"])
     assert metrics["quarantined"] == 6 == report["skipped"]
-    assert metrics["llava"] == {"train": 2}
-    on_disk = json.loads((tmp_path / "metrics/prepare.json").read_text())
-    assert on_disk["quarantined_by_file"] == {str(train): 6}
-    # The synthetic data was still built in full.
-    assert on_disk["synthetic"]["train_captions"] == 12
+    assert metrics["records"] == 2 and metrics["records_read"] == 8
+    assert metrics["records_per_second"] > 0
+    assert json.loads((tmp_path / "metrics/ingest_mine.json").read_text()) == metrics
+
+
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        ("", "no records"),
+        ('{"data": [{"id": 1}]}', "JSON list"),
+        ('{"id": "x", "image": "nope.png", "conversations": []}\n', "quarantined"),
+    ],
+)
+def test_ingest_of_an_unusable_file_exits_2_and_writes_no_records(
+    tmp_path, tiny_embedded_dir, content, says
+):
+    base, _ = tiny_embedded_dir
+    shutil.copytree(base, tmp_path / "models" / "base")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "bad.jsonl").write_text(content)
+    params = {"data": {"sources": {"bad": {"records": "bad.jsonl", "image_root": "images"}}}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path / ".prefect")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.ingest", "bad"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "bad.jsonl" in proc.stderr and says in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "data/sources/bad/records.jsonl").exists()
 
 
 def test_region_refuses_a_region_larger_than_the_model_and_writes_nothing(

@@ -7,14 +7,23 @@ types are refused with the section and field named, so a typo never silently bec
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+    model_config = ConfigDict(
+        extra="forbid", use_attribute_docstrings=True, frozen=True, validate_default=True
+    )
 
 
 class EmbeddedModelConfig(Section):
@@ -65,15 +74,73 @@ class ModelConfig(Section):
     """Settings used only when `base: embedded`."""
 
 
-class LlavaDataConfig(Section):
-    """A real LLaVA-format data set (JSON/JSONL records with `image` and `conversations`)."""
+class SourceConfig(Section):
+    """One LLaVA-format records file and the folder its images are under (validated by `ingest`)."""
 
-    train: str | None = None
-    """Path of the training records (JSON list or JSONL); null to use only synthetic data."""
-    eval: str | None = None
-    """Path of held-out records scored by `evaluate`; null for none."""
+    records: str
+    """Path of the records: a JSON list or JSONL of `{id, image, conversations}` (LLaVA format).
+    A DVC dependency: editing the file reruns `ingest@<name>` and every stage downstream."""
     image_root: str | None = None
-    """Directory that the records' `image` paths are relative to."""
+    """Folder that the records' `image` paths are relative to (null for text-only records).
+    Images are referenced, never copied into the DVC cache: change `revision` when they change."""
+    revision: str | None = None
+    """Free-form version of the image folder (e.g. a date or a tag). Images are not hashed (a
+    100-GB folder would be duplicated into the cache), so bumping this is how `dvc repro` learns
+    that the images changed."""
+    full_decode: bool = False
+    """Decode every image while validating (catches truncated pixel data; slower). Default:
+    headers only (missing, non-image and truncated-header files are still caught)."""
+
+
+class DataMix(Section):
+    """One entry of a stage's data: a source with a weight or a cap, as LLaVA-1.5's mix uses."""
+
+    source: str
+    """A synthetic split (`synthetic/train/vqa`, `synthetic/train/captions`,
+    `synthetic/eval/vqa`, `synthetic/eval/captions`) or a name from `data.sources`."""
+    weight: float = Field(1.0, gt=0)
+    """Share of this source's records taken: 0.5 a seeded half, 2.0 every record twice."""
+    max_samples: int | None = Field(None, ge=1)
+    """Cap on the records taken from this source (after `weight`); null: no cap."""
+
+
+SYNTHETIC_SOURCES = (
+    "synthetic/train/vqa",
+    "synthetic/train/captions",
+    "synthetic/eval/vqa",
+    "synthetic/eval/captions",
+)
+
+
+def _mix(value: object) -> object:
+    """Accept `source` strings as shorthand for `{source: ...}` in a stage's data list."""
+    if isinstance(value, str):
+        return [{"source": value}]
+    if isinstance(value, list):
+        return [{"source": v} if isinstance(v, str) else v for v in value]
+    return value
+
+
+Mix = Annotated[list[DataMix], BeforeValidator(_mix), Field(min_length=1)]
+"""A stage's data: a list of sources (or one source name), each with an optional weight/cap."""
+
+
+def _steps_or_epochs(steps: int | None, epochs: float | None, section: str) -> None:
+    if (steps is None) == (epochs is None):
+        raise ValueError(f"{section}: set exactly one of `steps` and `epochs` (the other null)")
+
+
+class LoaderConfig(Section):
+    """How a training stage streams its data (torch DataLoader)."""
+
+    workers: int | Literal["auto"] = "auto"
+    """DataLoader worker processes that decode images and tokenize; `auto`: 1 on CPU (the model
+    needs the cores), 4 per GPU. 0 loads on the training thread."""
+    prefetch_factor: int = Field(2, ge=1)
+    """Batches each worker prepares ahead."""
+    group_by_length: bool = True
+    """Batch records of similar token length (image and text-only records apart, as LLaVA's
+    `group_by_modality_length`): less padding. Order stays seeded and exactly resumable."""
 
 
 class DataConfig(Section):
@@ -93,17 +160,28 @@ class DataConfig(Section):
     """Samples longer than this (text + image tokens) are quarantined, not truncated."""
     text_items: int = Field(200, ge=0)
     """Items in the text-skill set (multiple-choice and held-out instruction answers)."""
-    llava: LlavaDataConfig = LlavaDataConfig()
-    """Optional real data in LLaVA format."""
+    sources: dict[str, SourceConfig] = {}
+    """Real data: name -> LLaVA-format records file and image root. Each is validated by its
+    own `ingest@<name>` stage into data/sources/<name>/ and named by the stages' `data` lists."""
+    validate_workers: int = Field(8, ge=1)
+    """Threads that check images in `ingest` (I/O bound: more than the cores is fine)."""
 
 
 class AlignConfig(Section):
     """Stage 1: train the projector (LLM frozen; tower frozen unless `vision_lr` > 0)."""
 
-    steps: int = Field(100, ge=1)
-    """Optimizer steps."""
+    data: Mix = ["synthetic/train/captions"]
+    """Training captions (LLaVA-Pretrain-style records: one image, one caption answer)."""
+    eval_data: Mix = ["synthetic/eval/captions"]
+    """Held-out captions for the before/after and shuffled-image losses."""
+    steps: int | None = Field(100, ge=1)
+    """Optimizer steps (null: train by `epochs`)."""
+    epochs: float | None = Field(None, gt=0)
+    """Passes over `data` (LLaVA stage 1: 1); null: train by `steps`."""
     batch_size: int = Field(16, ge=1)
     """Captions per step."""
+    loader: LoaderConfig = LoaderConfig()
+    """Data loading (workers, length grouping)."""
     lr: float = Field(1e-3, gt=0)
     """Projector learning rate (LLaVA stage 1 uses 1e-3)."""
     vision_lr: float = Field(0.0, ge=0)
@@ -115,12 +193,19 @@ class AlignConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """`auto`: bf16 autocast where the hardware runs it fast (CUDA, or CPU with AMX/AVX512-BF16), else fp32."""
 
+    @model_validator(mode="after")
+    def _one_length(self) -> AlignConfig:
+        _steps_or_epochs(self.steps, self.epochs, "align")
+        return self
+
 
 class ProbeConfig(Section):
     """Score every LLM layer on a probe subset (optionally after a short all-layer probe tuning)."""
 
+    data: Mix = ["synthetic/train/vqa"]
+    """Where the probe subset is drawn from."""
     samples: int = Field(64, ge=1)
-    """Training questions in the probe subset (a seeded sample of data/train/vqa.jsonl)."""
+    """Records in the probe subset (a seeded sample of `data`)."""
     batch_size: int = Field(8, ge=1)
     """Probe batch size for scoring and probe tuning."""
     scorers: list[str] = [
@@ -197,8 +282,18 @@ class FinetuneConfig(Section):
     """Learning rate of the projector (paper: 2e-5)."""
     llm_lr: float = Field(2e-4, gt=0)
     """Learning rate of the region's LoRA or full weights (paper: 2e-4)."""
-    steps: int = Field(300, ge=1)
-    """Optimizer steps; each sees batch_size * grad_accum * num_workers questions."""
+    data: Mix = ["synthetic/train/vqa"]
+    """Training data: synthetic questions and/or `data.sources` (e.g. LLaVA-1.5's 665K mix)."""
+    eval_data: Mix = ["synthetic/eval/vqa"]
+    """Held-out records for the tuned model's check: accuracy when they carry `choices`, else
+    answer loss; each beside the blind control (images shuffled)."""
+    steps: int | None = Field(300, ge=1)
+    """Optimizer steps; each sees batch_size * grad_accum * num_workers records (null: train by
+    `epochs`)."""
+    epochs: float | None = Field(None, gt=0)
+    """Passes over `data` (the paper: 1); null: train by `steps`."""
+    loader: LoaderConfig = LoaderConfig()
+    """Data loading (workers, prefetch, length grouping)."""
     batch_size: int = Field(8, ge=1)
     """Questions per worker per micro-batch."""
     grad_accum: int = Field(1, ge=1)
@@ -227,6 +322,11 @@ class FinetuneConfig(Section):
     eval_batch_size: int = Field(16, ge=1)
     """Batch size of that check."""
 
+    @model_validator(mode="after")
+    def _one_length(self) -> FinetuneConfig:
+        _steps_or_epochs(self.steps, self.epochs, "finetune")
+        return self
+
 
 class PruneConfig(Section):
     """Remove LLM layers outside the region from the tuned model (read by prune)."""
@@ -240,8 +340,10 @@ class PruneConfig(Section):
     comparison, an all-layer-tuned model is pruned outside the uniform region's layers."""
     scorer: Literal["angular_distance", "block_influence"] = "angular_distance"
     """Importance measure on visual eval data; low = the layer changes its input least."""
+    data: Mix = ["synthetic/eval/vqa"]
+    """Calibration records the importance is measured on."""
     samples: int = Field(64, ge=1)
-    """Held-out questions the importance is measured on."""
+    """Calibration records used (a seeded, kind-balanced subset of `data`)."""
     batch_size: int = Field(8, ge=1)
     """Batch size of the scoring pass."""
     heal_steps: int = Field(0, ge=0)
@@ -253,8 +355,11 @@ class PruneConfig(Section):
 class EvaluateConfig(Section):
     """Measure every model the pipeline produced (read by evaluate)."""
 
+    data: Mix = ["synthetic/eval/vqa"]
+    """Held-out sets, each measured on its own: multiple-choice accuracy when records carry
+    `choices` (the synthetic questions), else exact match of the generated answer."""
     samples: int | None = Field(None, ge=6)
-    """Held-out questions for visual accuracy, balanced over kinds (null: all of them)."""
+    """Held-out records per set, balanced over kinds (null: all of them)."""
     batch_size: int = Field(16, ge=1)
     """Evaluation batch size."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -299,6 +404,20 @@ class Params(Section):
     """Layer pruning outside the region (read by prune)."""
     evaluate: EvaluateConfig = EvaluateConfig()
     """Measurements of every model (read by evaluate and report)."""
+
+    @model_validator(mode="after")
+    def _known_sources(self) -> Params:
+        known = set(SYNTHETIC_SOURCES) | set(self.data.sources)
+        for section in ("align", "probe", "finetune", "prune", "evaluate"):
+            cfg = getattr(self, section)
+            for field in ("data", "eval_data"):
+                for entry in getattr(cfg, field, None) or []:
+                    if entry.source not in known:
+                        raise ValueError(
+                            f"{section}.{field}: unknown source {entry.source!r}; name one of "
+                            f"{sorted(known)} (real data: add it under data.sources)"
+                        )
+        return self
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

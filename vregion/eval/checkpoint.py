@@ -1,8 +1,9 @@
 """Everything measured about one checkpoint, each in a fresh process so peak memory is its own.
 
-A checkpoint gets: held-out visual accuracy per kind with the blind control and chance (the
-synthetic set), exact-match accuracy on a LLaVA-format eval set when given, the text-skill
-measure, prefill/decode tokens/s, parameter count, size on disk and peak memory.
+A checkpoint gets, for every held-out set: accuracy per kind with the blind control and chance
+when its records carry `choices` (the synthetic questions; the first such set is the headline
+`visual`), else exact match of the greedy answer beside the blind control (`open_answer`,
+LLaVA-format sets); then the text-skill measure, prefill/decode tokens/s, parameter count, size on disk and peak memory.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from pathlib import Path
 
 import torch
 
+from vregion.data.dataset import part_from_dict
 from vregion.data.encode import prompt_batch
-from vregion.data.records import read_jsonl
 from vregion.data.text_skill import read_text_set, score_text_skill
 from vregion.devices import peak_memory_mb, pick_device, resolve_precision
 from vregion.eval.speed import generation_speed, parameter_count, size_on_disk
@@ -29,14 +30,8 @@ class EvalJob:
 
     checkpoint: str
     system_prompt: str
-    image_root: str
-    vqa: str | None = None
-    """Synthetic questions (JSONL with `choices`); None skips visual accuracy."""
-    vqa_ids: list[str] | None = None
-    """Subset of `vqa` to use (None: all)."""
-    llava_eval: str | None = None
-    """LLaVA-format eval records (JSONL) scored by exact match, and their image root."""
-    llava_image_root: str | None = None
+    sets: dict[str, list[dict]] = field(default_factory=dict)
+    """Held-out sets: name -> parts (`part_to_dict`), the same rows for every model."""
     text_items: str | None = None
     """Text-skill items (JSONL); None skips the text measure."""
     batch_size: int = 16
@@ -46,14 +41,6 @@ class EvalJob:
     new_tokens: int = 16
     speed_repeats: int = 3
     extra: dict = field(default_factory=dict)
-
-
-def _load(job: EvalJob, path: str, root: str, ids: list[str] | None = None) -> ImageSet:
-    samples = list(read_jsonl(path))
-    if ids is not None:
-        keep = set(ids)
-        samples = [s for s in samples if s.id in keep]
-    return ImageSet.load(samples, root)
 
 
 def evaluate_checkpoint(job: EvalJob) -> dict:
@@ -75,13 +62,18 @@ def evaluate_checkpoint(job: EvalJob) -> dict:
         "precision": precision,
     }
     kw = dict(batch_size=job.batch_size, precision=precision, device=device, seed=job.seed)
-    vqa = None
-    if job.vqa:
-        vqa = _load(job, job.vqa, job.image_root, job.vqa_ids)
-        out["visual"] = visual_accuracy(model, processor, vqa, job.system_prompt, **kw)
-    if job.llava_eval:
-        llava = _load(job, job.llava_eval, job.llava_image_root or job.image_root)
-        out["llava_eval"] = open_answer_accuracy(model, processor, llava, job.system_prompt, **kw)
+    first = None
+    for name, parts in job.sets.items():
+        data = ImageSet.from_parts([part_from_dict(d) for d in parts])
+        first = first or data
+        if all(s.choices for s in data.samples):
+            table = visual_accuracy(model, processor, data, job.system_prompt, **kw)
+            out.setdefault("visual", table)
+            out.setdefault("visual_sets", {})[name] = table
+        else:
+            out.setdefault("open_answer", {})[name] = open_answer_accuracy(
+                model, processor, data, job.system_prompt, **kw
+            )
     if job.text_items:
         text = score_text_skill(
             model,
@@ -96,10 +88,10 @@ def evaluate_checkpoint(job: EvalJob) -> dict:
             "mc_items": text["mc_items"],
             "ppl_items": text["ppl_items"],
         }
-    if vqa is not None and job.speed_repeats > 0:
-        n = min(job.speed_batch, len(vqa))
+    if first is not None and job.speed_repeats > 0:
+        n = min(job.speed_batch, len(first))
         # left-padded, as generation needs
-        batch = prompt_batch(processor, vqa.samples[:n], vqa.images[:n], job.system_prompt)
+        batch = prompt_batch(processor, first.samples[:n], first.images[:n], job.system_prompt)
         out["speed"] = generation_speed(
             model,
             batch,

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from vregion.data.encode import collate, encode_sample, render, to_messages
 from vregion.data.records import Sample
 from vregion.devices import autocast
-from vregion.train.loop import ImageSet
+from vregion.train.loop import ImageSet, take
 
 
 def with_answer(sample: Sample, answer: str) -> Sample:
@@ -167,10 +167,12 @@ def shuffled_images(data: ImageSet, seed: int) -> list:
     order = keys[:]
     random.Random(seed).shuffle(order)
     moved = dict(zip(order, order[1:] + order[:1], strict=True))
-    first = {}
-    for s, im in zip(data.samples, data.images, strict=True):
-        first.setdefault(s.image, im)
-    return [first[moved[s.image]] if s.image is not None else None for s in data.samples]
+    first: dict[str, int] = {}  # each picture's first question: where to take its image from
+    for i, s in enumerate(data.samples):
+        first.setdefault(s.image, i)
+    return take(
+        data.images, [first[moved[s.image]] if s.image is not None else None for s in data.samples]
+    )
 
 
 def accuracy_table(samples: Sequence[Sample], predictions: Sequence[str]) -> dict:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vregion.config import AlignConfig
+from vregion.data.dataset import RecordDataset, total_steps, training_loader
 from vregion.models.layer_map import layer_map, vision_parameters
 from vregion.train.loop import ImageSet, deranged, mean_answer_loss, train_steps
 
@@ -42,7 +43,7 @@ def freeze_for_alignment(model, train_vision: bool) -> dict[str, int]:
 def train_alignment(
     model,
     processor,
-    train: ImageSet,
+    train: RecordDataset,
     held_out: ImageSet,
     cfg: AlignConfig,
     system_prompt: str,
@@ -51,7 +52,8 @@ def train_alignment(
     device: torch.device,
     seed: int = 0,
 ) -> AlignResult:
-    """Train the projector in place for `cfg.steps` steps; returns the loss curve and metrics."""
+    """Train the projector in place for `cfg.steps` steps (or `cfg.epochs` passes over `train`),
+    streaming `train` through a DataLoader; returns the loss curve and metrics."""
     result = AlignResult()
     counts = freeze_for_alignment(model, train_vision=cfg.vision_lr > 0)
     lmap = layer_map(model)
@@ -78,19 +80,25 @@ def train_alignment(
         )
 
     evaluate("before")
+    steps = total_steps(cfg.steps, cfg.epochs, len(train), cfg.batch_size, 1, 1)
+    batches = training_loader(
+        train,
+        cfg.batch_size,
+        device=device,
+        seed=seed,
+        workers=cfg.loader.workers,
+        prefetch_factor=cfg.loader.prefetch_factor,
+        group_by_length=cfg.loader.group_by_length,
+    )
     t0 = time.perf_counter()
     result.curve = train_steps(
         model,
-        processor,
-        train,
+        batches,
         groups,
-        steps=cfg.steps,
-        batch_size=cfg.batch_size,
+        steps=steps,
         warmup_ratio=cfg.warmup_ratio,
-        system_prompt=system_prompt,
         precision=precision,
         device=device,
-        seed=seed,
         desc="align (projector)",
     )
     seconds = time.perf_counter() - t0
@@ -100,9 +108,10 @@ def train_alignment(
     m["image_use_gap"] = m["after_shuffled_image_loss"] - m["after_caption_loss"]
     m.update(counts)
     m.update(
-        steps=cfg.steps,
+        steps=steps,
         batch_size=cfg.batch_size,
-        seconds_per_step=round(seconds / cfg.steps, 3),
+        train_records=len(train),
+        seconds_per_step=round(seconds / steps, 3),
         precision=precision,
         device=device.type,
     )

@@ -1,8 +1,9 @@
 """Stage 2, visual instruction tuning of the visual region, one process or many (Ray Train).
 
 `finetune_worker` is the per-worker loop: load the aligned model, make only the region (and the
-projector) trainable, shard the records by rank, resume from the latest checkpoint if there is
-one, train, and checkpoint the trainable weights with the optimizer state through
+projector) trainable, stream this rank's batches of the data mix through a DataLoader (workers
+decode and tokenize; the batch order is seeded and resumes exactly at the step reached), resume
+from the latest checkpoint if there is one, train, and checkpoint the trainable weights with the optimizer state through
 `ray.train.report`. `run_finetune` starts it on a `TorchTrainer` and `export_tuned` turns the
 final checkpoint into a PEFT adapter and a merged HF checkpoint.
 """
@@ -16,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from vregion.data.records import read_jsonl
+from vregion.config import DataMix
+from vregion.data.dataset import RecordDataset, resolve_mix, training_loader
 from vregion.devices import peak_memory_mb, resolve_precision
-from vregion.train.loop import ImageSet, train_steps
+from vregion.train.loop import train_steps
 from vregion.train.selective import (
     LoraSettings,
     make_region_trainable,
@@ -35,9 +37,10 @@ class FinetuneJob:
 
     aligned: str
     """Aligned checkpoint directory."""
-    records: str
-    """Training records (JSONL) and the directory their image paths are relative to."""
-    image_root: str
+    data: list[dict]
+    """The training mix (`DataMix` fields per entry), resolved in each worker."""
+    data_dir: str
+    """Where `prepare` and `ingest` wrote the validated records (absolute: workers run elsewhere)."""
     layers: list[int]
     """The region: LLM layers to train."""
     mode: str = "lora"
@@ -56,6 +59,9 @@ class FinetuneJob:
     train_vision: bool = False
     parallel: str = "ddp"
     """How several workers share the model: `ddp` (a full copy each) or `fsdp` (sharded)."""
+    loader_workers: int | str = "auto"
+    prefetch_factor: int = 2
+    group_by_length: bool = True
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -81,10 +87,26 @@ def build_trainable(job: FinetuneJob, device: torch.device):
     return model.to(device), processor
 
 
-def worker_shard(job: FinetuneJob, rank: int, world: int) -> ImageSet:
-    """Every `world`-th record from `rank`: disjoint shards that cover the data."""
-    samples = list(read_jsonl(job.records))[rank::world]
-    return ImageSet.load(samples, job.image_root)
+def job_dataset(job: FinetuneJob, processor) -> RecordDataset:
+    """The job's data mix as a streaming dataset (records read by offset, images per batch)."""
+    mix = [DataMix(**entry) for entry in job.data]
+    return RecordDataset(resolve_mix(mix, job.seed, job.data_dir), processor, job.system_prompt)
+
+
+def worker_batches(job: FinetuneJob, processor, device, rank: int, world: int, start_step: int):
+    """This rank's batches: disjoint shards of each step's global batch, from `start_step` on."""
+    return training_loader(
+        job_dataset(job, processor),
+        job.batch_size,
+        device=device,
+        rank=rank,
+        world=world,
+        seed=job.seed,
+        start_batch=start_step * job.grad_accum,
+        workers=job.loader_workers,
+        prefetch_factor=job.prefetch_factor,
+        group_by_length=job.group_by_length,
+    )
 
 
 def finetune_worker(config: dict) -> None:
@@ -167,16 +189,12 @@ def finetune_worker(config: dict) -> None:
 
     train_steps(
         trained,
-        processor,
-        worker_shard(job, rank, world),
+        worker_batches(job, processor, device, rank, world, start_step),
         groups,
         steps=job.steps,
-        batch_size=job.batch_size,
         warmup_ratio=job.warmup_ratio,
-        system_prompt=job.system_prompt,
         precision=precision,
         device=device,
-        seed=job.seed + rank,
         grad_accum=job.grad_accum,
         desc=f"finetune (worker {rank})",
         on_step=on_step,

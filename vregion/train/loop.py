@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,22 +17,64 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from vregion.data.encode import IGNORE_INDEX, collate, load_image
+from vregion.data.encode import IGNORE_INDEX, collate
 from vregion.data.records import Sample
 from vregion.devices import autocast
 
 
+class LazyImages(Sequence):
+    """Images by reference, opened when a batch needs them (eval sets hold paths, not pixels)."""
+
+    def __init__(self, refs: Sequence[tuple[str, str] | None]):
+        self.refs = list(refs)  # (image root, path under it) or None for text-only records
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return LazyImages(self.refs[i])
+        ref = self.refs[i]
+        if ref is None:
+            return None
+        from vregion.data.images import open_rgb, resolve_image
+
+        return open_rgb(resolve_image(Path(ref[0]), ref[1]))
+
+
+def take(images: Sequence, indices: Sequence[int | None]) -> Sequence:
+    """`images` reordered by `indices` (None gives no image), still lazy if they were."""
+    if isinstance(images, LazyImages):
+        return LazyImages([None if i is None else images.refs[i] for i in indices])
+    return [None if i is None else images[i] for i in indices]
+
+
 @dataclass
 class ImageSet:
-    """Records plus their images, loaded once (synthetic images are tiny)."""
+    """Records plus their images; images open per batch, so an eval set holds only paths."""
 
     samples: list[Sample]
-    images: list  # PIL images or None, aligned with samples
+    images: Sequence  # PIL images or None, or LazyImages, aligned with samples
 
     @classmethod
     def load(cls, samples: list[Sample], image_root: str | Path) -> ImageSet:
-        """The records with their images read from `image_root`."""
-        return cls(samples, [load_image(image_root, s) for s in samples])
+        """The records with their images under `image_root` (opened when used)."""
+        root = str(image_root)
+        return cls(samples, LazyImages([(root, s.image) if s.image else None for s in samples]))
+
+    @classmethod
+    def from_parts(cls, parts) -> ImageSet:
+        """Every row of some `vregion.data.dataset.Part`s, each with its own image root."""
+        from vregion.data.dataset import RecordFile
+
+        samples, refs = [], []
+        for part in parts:
+            records = RecordFile(part.records)
+            for row in part.rows:
+                s = records[int(row)]
+                samples.append(s)
+                refs.append((part.image_root, s.image) if s.image else None)
+        return cls(samples, LazyImages(refs))
 
     def batch(self, idx: Sequence[int]) -> tuple[list[Sample], list]:
         return [self.samples[i] for i in idx], [self.images[i] for i in idx]
@@ -57,7 +99,7 @@ def batches_of(
     images = data.images if images is None else images
     for start in range(0, len(data), batch_size):
         sl = slice(start, start + batch_size)
-        yield collate(processor, data.samples[sl], images[sl], system_prompt)
+        yield collate(processor, data.samples[sl], list(images[sl]), system_prompt)
 
 
 @torch.no_grad()
@@ -98,26 +140,22 @@ def deranged(images: list, seed: int) -> list:
     """The same images, each moved to another record (blind control: the image no longer fits)."""
     order = list(range(len(images)))
     random.Random(seed).shuffle(order)
-    out = [None] * len(order)
+    source = [0] * len(order)
     # Rolling a shuffled order by one is a derangement: no record keeps its own image.
     for a, b in zip(order, order[1:] + order[:1], strict=True):
-        out[a] = images[b]
-    return out
+        source[a] = b
+    return take(images, source)
 
 
 def train_steps(
     model,
-    processor,
-    data: ImageSet,
+    batches: Iterable[dict],
     groups: list[dict],
     *,
     steps: int,
-    batch_size: int,
     warmup_ratio: float,
-    system_prompt: str,
     precision: str,
     device: torch.device,
-    seed: int = 0,
     grad_accum: int = 1,
     max_grad_norm: float = 1.0,
     desc: str = "train",
@@ -128,12 +166,13 @@ def train_steps(
 ) -> list[dict]:
     """Train `groups` (AdamW param groups with their own `lr`) for `steps` optimizer steps.
 
-    Each step sees `batch_size * grad_accum` records, drawn in shuffled epochs. Returns one row
-    per step: step, loss, lr of the first group, seconds. To resume, pass the `start_step` done
-    and `resume_state` ({"optimizer", "scheduler"} state dicts); the data order continues where
-    it stopped; `load_optimizer(optimizer, state)` replaces `optimizer.load_state_dict` (FSDP's
-    state is keyed by name). `on_step(row, optimizer, scheduler)` runs after every step (e.g.
-    to checkpoint).
+    `batches` yields model-ready padded batches (with `labels`), `grad_accum` of them per step,
+    already positioned after the steps done (`training_loader(start_batch=...)`). Returns one
+    row per step: step, loss, lr of the first group, seconds (data waits included). To resume,
+    pass the `start_step` done and `resume_state` ({"optimizer", "scheduler"} state dicts);
+    `load_optimizer(optimizer, state)` replaces `optimizer.load_state_dict` (FSDP's state is
+    keyed by name). `on_step(row, optimizer, scheduler)` runs after every step (e.g. to
+    checkpoint).
     """
     params = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
@@ -141,20 +180,7 @@ def train_steps(
     if resume_state:
         (load_optimizer or type(optimizer).load_state_dict)(optimizer, resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
-    rng = random.Random(seed)
-    order: list[int] = []
-
-    def next_batch() -> list[int]:
-        nonlocal order
-        if len(order) < batch_size:  # epochs of shuffled records
-            more = list(range(len(data)))
-            rng.shuffle(more)
-            order += more
-        idx, order = order[:batch_size], order[batch_size:]
-        return idx
-
-    for _ in range(start_step * grad_accum):  # replay the data order of the steps already done
-        next_batch()
+    stream = iter(batches)
     curve: list[dict] = []
     model.train()
     bar = tqdm(
@@ -165,9 +191,7 @@ def train_steps(
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for _ in range(grad_accum):
-            idx = next_batch()
-            batch = collate(processor, *data.batch(idx), system_prompt)
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
             labels = batch.pop("labels")
             with autocast(precision, device):
                 logits = model(**batch).logits
