@@ -68,9 +68,11 @@ def test_family_end_to_end(model_type, tmp_path, capsys):
     assert lm.layers is original.get_decoder().layers
     assert lm.lora_targets and lm.image_token_id is not None
 
-    # `vregion layers`: the same map, printed.
-    assert main(["layers", f"tiny:{model_type}"]) == 0
+    # `vregion layers` on the saved checkpoint (built from its config.json on the meta device).
+    original.save_pretrained(tmp_path / "base")
+    assert main(["layers", str(tmp_path / "base")]) == 0
     out = capsys.readouterr().out
+    assert f"{lm.model_class} ({lm.family}, model_type {model_type}): 4 LLM layers" in out
     for path in (lm.layers_path + ".3", lm.vision_tower_path, lm.projector_path):
         assert path in out
 
@@ -110,6 +112,20 @@ def test_family_end_to_end(model_type, tmp_path, capsys):
     assert outside and all(k.startswith(lm.projector_path + ".") for k in outside), outside
     change = score_layers(tuned, [], ["parameter_change"], reference_model=original)
     assert [i for i, v in enumerate(change["parameter_change"]) if v > 0] == REGION
+
+    # Full-weight region tuning: the region's layers and the projector, nothing else.
+    full = make_region_trainable(copy.deepcopy(original), REGION, mode="full")
+    optimizer = torch.optim.AdamW(trainable_groups(full, projector_lr=1e-2, llm_lr=1e-2))
+    full.train()
+    full(**batch).loss.backward()
+    optimizer.step()
+    changed = {k for k, v in full.state_dict().items() if not torch.equal(before[k], v)}
+    region_prefixes = tuple(f"{lm.layers_path}.{i}." for i in REGION)
+    assert any(k.startswith(lm.projector_path + ".") for k in changed)
+    assert {k for k in changed if not k.startswith(lm.projector_path + ".")} == {
+        k for k in before if k.startswith(region_prefixes)
+    }
+    del full
 
     # Prune the least important layer outside the region (and outside the fixed layers).
     angular = score_layers(tuned, [batch], ["angular_distance"])["angular_distance"]
