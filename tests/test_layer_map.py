@@ -100,6 +100,43 @@ EXPECTED = {
         "model.multi_modal_projector",
         "InternVLMultiModalProjector",
     ),
+    "llava_next_video": (
+        "model.vision_tower",
+        "CLIPVisionModel",
+        "model.multi_modal_projector",
+        "LlavaNextVideoMultiModalProjector",
+    ),
+    "vipllava": (
+        "model.vision_tower",
+        "CLIPVisionModel",
+        "model.multi_modal_projector",
+        "VipLlavaMultiModalProjector",
+    ),
+    "aya_vision": (
+        "model.vision_tower",
+        "SiglipVisionModel",
+        "model.multi_modal_projector",
+        "AyaVisionMultiModalProjector",
+    ),
+    "cohere2_vision": (
+        "model.vision_tower",
+        "SiglipVisionModel",
+        "model.multi_modal_projector",
+        "Cohere2VisionMultiModalProjector",
+    ),
+    "idefics2": (
+        "model.vision_model",
+        "Idefics2VisionTransformer",
+        "model.connector",
+        "Idefics2Connector",
+    ),
+    "glm4v": ("model.visual", "Glm4vVisionModel", "model.visual.merger", "Glm4vVisionPatchMerger"),
+    "qwen3_vl_moe": (
+        "model.visual",
+        "Qwen3VLMoeVisionModel",
+        "model.visual.merger",
+        "Qwen3VLMoeVisionPatchMerger",
+    ),
     "llava_siglip": (
         "model.vision_tower",
         "SiglipVisionModel",
@@ -107,7 +144,11 @@ EXPECTED = {
         "LlavaMultiModalProjector",
     ),
 }
-LAYERS_PATH = {"idefics3": "model.text_model.layers", "smolvlm": "model.text_model.layers"}
+LAYERS_PATH = {
+    "idefics2": "model.text_model.layers",
+    "idefics3": "model.text_model.layers",
+    "smolvlm": "model.text_model.layers",
+}
 """Where the LLM layers are when not at `model.language_model.layers`."""
 MAPPED_ARCHS = [a for a in TINY_ARCHS if not getattr(ARCHITECTURES.get(a), "refused", None)]
 """Tiny models `layer_map` maps (refused families are tested in tests/test_families.py)."""

@@ -64,6 +64,12 @@ def _deepstack_layers(config: object) -> range:
     return range(len(config.vision_config.deepstack_visual_indexes))
 
 
+_DEEPSTACK_REASON = (
+    "deepstack adds vision features after each of the first len(deepstack_visual_indexes) "
+    "LLM layers, by position: pruning one would move them"
+)
+
+
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llava": ArchSpec("LLaVA-1.5 (also the embedded SigLIP + Llama model)"),
     "llava_next": ArchSpec("LLaVA-NeXT"),
@@ -73,17 +79,31 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen3_vl": ArchSpec(
         "Qwen3-VL",
         fixed_layers=_deepstack_layers,
-        fixed_reason="deepstack adds vision features after each of the first "
-        "len(deepstack_visual_indexes) LLM layers, by position: pruning one would move them",
+        fixed_reason=_DEEPSTACK_REASON,
         notes="projector `visual.merger`; the deepstack mergers stay with the (frozen) tower; "
         "the first len(deepstack_visual_indexes) layers are never pruned",
     ),
+    "qwen3_vl_moe": ArchSpec(
+        "Qwen3-VL-MoE",
+        fixed_layers=_deepstack_layers,
+        fixed_reason=_DEEPSTACK_REASON,
+        notes="as Qwen3-VL; the experts are fused weights, not Linear modules, so region LoRA "
+        "adapts attention only (full mode trains the experts too)",
+    ),
+    "glm4v": ArchSpec(
+        "GLM-4.1V / GLM-4.5V", notes="fused `mlp.gate_up_proj` is a LoRA target as it is"
+    ),
+    "idefics2": ArchSpec("Idefics2", notes="projector `connector` is a perceiver resampler"),
     "idefics3": ArchSpec("Idefics3", notes="LLM `text_model`, projector `connector`"),
     "smolvlm": ArchSpec("SmolVLM", notes="LLM `text_model`, projector `connector`"),
     "paligemma": ArchSpec("PaliGemma"),
     "gemma3": ArchSpec("Gemma 3", notes="projector has no Linear module (a weight matrix)"),
     "mistral3": ArchSpec("Mistral 3 (Pixtral tower)"),
     "internvl": ArchSpec("InternVL"),
+    "llava_next_video": ArchSpec("LLaVA-NeXT-Video (images)"),
+    "vipllava": ArchSpec("VipLLaVA", notes="projector reads several tower layers"),
+    "aya_vision": ArchSpec("Aya Vision"),
+    "cohere2_vision": ArchSpec("Command A Vision (Cohere2-Vision)"),
     "mllama": ArchSpec(
         "Mllama (Llama 3.2 Vision)",
         refused="its LLM takes the image only through gated cross-attention layers interleaved "

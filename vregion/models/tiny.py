@@ -43,6 +43,13 @@ TINY_ARCHS = (
     "gemma3",
     "mistral3",
     "internvl",
+    "llava_next_video",
+    "vipllava",
+    "aya_vision",
+    "cohere2_vision",
+    "idefics2",
+    "glm4v",
+    "qwen3_vl_moe",
     "mllama",
     "llava_siglip",
 )
@@ -69,7 +76,8 @@ IMAGE_SIZE = 32
 PATCH_SIZE = 8  # LLaVA towers: (32 / 8)^2 = 16 image tokens per tile
 QWEN_PATCH_SIZE = 4  # Qwen towers: an 8x8 patch grid, merged 2x2 into 16 image tokens
 GEMMA3_IMAGE_TOKENS = 4
-QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v")
+"""Families fed Qwen-VL style: flattened patches, `image_grid_thw`, token types for M-RoPE."""
 LLAVA_NEXT_IMAGE_HW = (32, 64)
 """LLaVA-NeXT test image (height, width): two tiles side by side plus the base view."""
 
@@ -353,7 +361,7 @@ def _internvl(num_layers: int) -> PreTrainedModel:
     )
 
 
-def _qwen3_vl(num_layers: int) -> PreTrainedModel:
+def _qwen3_vl(num_layers: int, model_type: str = "qwen3_vl") -> PreTrainedModel:
     vision = dict(
         depth=2,
         hidden_size=32,
@@ -369,8 +377,119 @@ def _qwen3_vl(num_layers: int) -> PreTrainedModel:
     text = _qwen_text(num_layers)
     text["head_dim"] = 16
     text["rope_parameters"] = {**text["rope_parameters"], "mrope_interleaved": True}
+    if model_type == "qwen3_vl_moe":
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
     return _from_config(
-        "qwen3_vl", text_config=text, vision_config=vision, **_qwen_special_tokens()
+        model_type, text_config=text, vision_config=vision, **_qwen_special_tokens()
+    )
+
+
+def _qwen3_vl_moe(num_layers: int) -> PreTrainedModel:
+    model = _qwen3_vl(num_layers, model_type="qwen3_vl_moe")
+    return model
+
+
+def _llava_next_video(num_layers: int) -> PreTrainedModel:
+    h, w = LLAVA_NEXT_IMAGE_HW
+    return _from_config(
+        "llava_next_video",
+        vision_config=_clip_vision().to_dict(),
+        text_config=_text(num_layers),  # Llama
+        image_token_index=IMAGE_TOKEN_ID,
+        video_token_index=VIDEO_TOKEN_ID,
+        image_grid_pinpoints=[[IMAGE_SIZE, IMAGE_SIZE], [h, w], [w, h]],
+        vision_feature_layer=-1,
+    )
+
+
+def _vipllava(num_layers: int) -> PreTrainedModel:
+    return _from_config(
+        "vipllava",
+        vision_config=_clip_vision().to_dict(),
+        text_config=_text(num_layers),  # Llama
+        image_token_index=IMAGE_TOKEN_ID,
+        vision_feature_layers=[-2, -1],  # the projector concatenates several tower layers
+        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
+    )
+
+
+def _aya_vision(num_layers: int, model_type: str = "aya_vision") -> PreTrainedModel:
+    # SigLIP 8x8 patches, pixel-shuffled by downsample_factor 2 into 16 image tokens.
+    extra = (
+        {"alignment_intermediate_size": 64}
+        if model_type == "cohere2_vision"
+        else {"adapter_layer_norm_eps": 1e-6, "vision_feature_select_strategy": "full"}
+    )
+    return _from_config(
+        model_type,
+        vision_config=_siglip(patch_size=QWEN_PATCH_SIZE),
+        text_config=_text(num_layers),  # Cohere 2
+        downsample_factor=2,
+        **{
+            "image_token_id"
+            if model_type == "cohere2_vision"
+            else "image_token_index": IMAGE_TOKEN_ID
+        },
+        **extra,
+    )
+
+
+def _cohere2_vision(num_layers: int) -> PreTrainedModel:
+    return _aya_vision(num_layers, "cohere2_vision")
+
+
+def _idefics2(num_layers: int) -> PreTrainedModel:
+    # The connector is a perceiver resampler: 16 latents per image, whatever the patch count.
+    vision = _siglip()
+    del vision["model_type"]
+    perceiver = dict(
+        hidden_size=64,
+        resampler_n_latents=16,
+        resampler_depth=1,
+        resampler_n_heads=2,
+        resampler_head_dim=16,
+        num_key_value_heads=1,
+    )
+    return _from_config(
+        "idefics2",
+        vision_config=vision,
+        perceiver_config=perceiver,
+        text_config=_text(num_layers),  # Mistral
+        image_token_id=IMAGE_TOKEN_ID,
+        pad_token_id=0,
+    )
+
+
+def _glm4v(num_layers: int) -> PreTrainedModel:
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=64,
+        image_size=IMAGE_SIZE,
+        patch_size=QWEN_PATCH_SIZE,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
+    text = _qwen_text(num_layers)
+    text["head_dim"] = 16
+    # Half of head_dim 16 is rotary: 4 frequencies split over (temporal, height, width).
+    text["rope_parameters"] = {
+        **text["rope_parameters"],
+        "partial_rotary_factor": 0.5,
+        "mrope_section": [1, 1, 2],
+    }
+    return _from_config(
+        "glm4v",
+        text_config=text,  # GLM-4: fused gate_up_proj
+        vision_config=vision,
+        image_token_id=IMAGE_TOKEN_ID,
+        video_token_id=VIDEO_TOKEN_ID,
+        image_start_token_id=VISION_START_ID,
+        image_end_token_id=VISION_END_ID,
+        video_start_token_id=VISION_START_ID,
+        video_end_token_id=VISION_END_ID,
     )
 
 
@@ -408,6 +527,13 @@ _BUILDERS = {
     "gemma3": _gemma3,
     "mistral3": _mistral3,
     "internvl": _internvl,
+    "llava_next_video": _llava_next_video,
+    "vipllava": _vipllava,
+    "aya_vision": _aya_vision,
+    "cohere2_vision": _cohere2_vision,
+    "idefics2": _idefics2,
+    "glm4v": _glm4v,
+    "qwen3_vl_moe": _qwen3_vl_moe,
     "mllama": _mllama,
     "llava_siglip": _llava_siglip,
 }
@@ -468,12 +594,20 @@ def tiny_inputs(
         pixel_values = torch.randn(batch * grid * grid, patch_dim, generator=gen)
         extra["image_grid_thw"] = torch.tensor([[1, grid, grid]] * batch)
         n_image = grid * grid // v.spatial_merge_size**2
-    elif model_type in ("llava_next", "llava_onevision"):
-        h, w = LLAVA_NEXT_IMAGE_HW if model_type == "llava_next" else (IMAGE_SIZE, IMAGE_SIZE)
+    elif model_type in ("llava_next", "llava_next_video", "llava_onevision"):
+        h, w = LLAVA_NEXT_IMAGE_HW if model_type != "llava_onevision" else (IMAGE_SIZE, IMAGE_SIZE)
         tiles = image_size_to_num_patches((h, w), config.image_grid_pinpoints, IMAGE_SIZE)
         pixel_values = torch.randn(batch, tiles, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen)
         extra["image_sizes"] = torch.tensor([[h, w]] * batch)
         n_image = _image_tokens_llava_next(config, h, w)
+    elif model_type == "idefics2":
+        v = config.vision_config
+        pixel_values = torch.randn(batch, 1, 3, v.image_size, v.image_size, generator=gen)
+        n_image = config.perceiver_config.resampler_n_latents
+    elif model_type in ("aya_vision", "cohere2_vision"):
+        v = config.vision_config
+        pixel_values = torch.randn(batch, 3, v.image_size, v.image_size, generator=gen)
+        n_image = (v.image_size // v.patch_size) ** 2 // config.downsample_factor**2
     elif model_type in ("idefics3", "smolvlm"):
         # (batch, images per sample, C, H, W); the pixel-shuffled patch grid gives the tokens.
         v = config.vision_config
@@ -487,7 +621,7 @@ def tiny_inputs(
         extra["image_sizes"] = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE]] * batch)
         side = IMAGE_SIZE // config.vision_config.patch_size // config.spatial_merge_size
         n_image = side * side
-    elif model_type in ("llava", "paligemma", "gemma3"):
+    elif model_type in ("llava", "vipllava", "paligemma", "gemma3"):
         side = config.vision_config.image_size  # any LLaVA, e.g. the embedded model's 64 px
         pixel_values = torch.randn(batch, 3, side, side, generator=gen)
         # One token per patch: "default" drops CLIP's CLS token, "full" SigLIP has none;
