@@ -79,13 +79,17 @@ def test_family_end_to_end(model_type, tmp_path, capsys):
     # Every probe scorer, on the image tokens the family's inputs really carry.
     batch = tiny_inputs(original, with_labels=True)
     assert (batch["input_ids"] == lm.image_token_id).any()
-    scores = score_layers(original, [batch], [s for s in SCORERS if s != "parameter_change"])
-    for name in (*SCORERS, "block_influence_image", "block_influence_text"):
-        if name != "parameter_change":
-            assert len(scores[name]) == 4 and all(math.isfinite(v) for v in scores[name]), name
+    scorers = [s for s in SCORERS if s != "parameter_change"]
+    if not all(hasattr(layer, "self_attn") for layer in lm.layers):  # hybrid LLM (Qwen3.5)
+        with pytest.raises(ValueError, match="attention_to_image needs softmax self-attention"):
+            score_layers(original, [batch], ["attention_to_image"])
+        scorers.remove("attention_to_image")
+    scores = score_layers(original, [batch], scorers)
+    for name in (*scorers, "block_influence_image", "block_influence_text"):
+        assert len(scores[name]) == 4 and all(math.isfinite(v) for v in scores[name]), name
     assert all(v > 0 for v in scores["angular_distance"])
     # Text after the image attends to it in every layer.
-    assert all(v > 0 for v in scores["attention_to_image"])
+    assert all(v > 0 for v in scores.get("attention_to_image", [1]))
 
     # One region-LoRA step: only the region's layers and the projector change.
     before = snapshot(original)
@@ -93,7 +97,8 @@ def test_family_end_to_end(model_type, tmp_path, capsys):
         copy.deepcopy(original), REGION, lora=LoraSettings(r=4, alpha=8, dropout=0.0)
     )
     lora_modules = {n.split(".lora_")[0] for n, p in peft_model.named_parameters() if "lora_" in n}
-    assert len(lora_modules) == len(REGION) * len(lm.lora_targets)
+    present = {n for i in REGION for n, _ in lm.layers[i].named_modules()}
+    assert len(lora_modules) == len(REGION) * len(present.intersection(lm.lora_targets)) > 0
     optimizer = torch.optim.AdamW(trainable_groups(peft_model, projector_lr=1e-2, llm_lr=1e-2))
     peft_model.train()
     peft_model(**batch).loss.backward()

@@ -137,6 +137,12 @@ EXPECTED = {
         "model.visual.merger",
         "Qwen3VLMoeVisionPatchMerger",
     ),
+    "qwen3_5": (
+        "model.visual",
+        "Qwen3_5VisionModel",
+        "model.visual.merger",
+        "Qwen3_5VisionPatchMerger",
+    ),
     "llava_siglip": (
         "model.vision_tower",
         "SiglipVisionModel",

@@ -90,6 +90,12 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         notes="as Qwen3-VL; the experts are fused weights, not Linear modules, so region LoRA "
         "adapts attention only (full mode trains the experts too)",
     ),
+    "qwen3_5": ArchSpec(
+        "Qwen3.5",
+        notes="hybrid LLM: Gated DeltaNet linear-attention layers (LoRA on `linear_attn.*`) "
+        "between softmax-attention layers; `attention_to_image` refuses it (no attention "
+        "weights in linear-attention layers), the other scorers work",
+    ),
     "glm4v": ArchSpec(
         "GLM-4.1V / GLM-4.5V", notes="fused `mlp.gate_up_proj` is a LoRA target as it is"
     ),

@@ -50,6 +50,7 @@ TINY_ARCHS = (
     "idefics2",
     "glm4v",
     "qwen3_vl_moe",
+    "qwen3_5",
     "mllama",
     "llava_siglip",
 )
@@ -76,7 +77,7 @@ IMAGE_SIZE = 32
 PATCH_SIZE = 8  # LLaVA towers: (32 / 8)^2 = 16 image tokens per tile
 QWEN_PATCH_SIZE = 4  # Qwen towers: an 8x8 patch grid, merged 2x2 into 16 image tokens
 GEMMA3_IMAGE_TOKENS = 4
-QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v")
+QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "glm4v")
 """Families fed Qwen-VL style: flattened patches, `image_grid_thw`, token types for M-RoPE."""
 LLAVA_NEXT_IMAGE_HW = (32, 64)
 """LLaVA-NeXT test image (height, width): two tiles side by side plus the base view."""
@@ -384,6 +385,39 @@ def _qwen3_vl(num_layers: int, model_type: str = "qwen3_vl") -> PreTrainedModel:
     )
 
 
+def _qwen3_5(num_layers: int) -> PreTrainedModel:
+    # A hybrid LLM: Gated DeltaNet linear-attention layers alternate with softmax attention.
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=64,
+        patch_size=QWEN_PATCH_SIZE,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        num_position_embeddings=64,
+    )
+    layer_types = ["linear_attention", "full_attention"] * num_layers
+    text = _text(
+        num_layers,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        layer_types=layer_types[:num_layers],
+        # Half of head_dim 16 is rotary: 4 frequencies split over (temporal, height, width).
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [1, 1, 2],
+            "partial_rotary_factor": 0.5,
+            "mrope_interleaved": True,
+        },
+    )
+    return _from_config("qwen3_5", text_config=text, vision_config=vision, **_qwen_special_tokens())
+
+
 def _qwen3_vl_moe(num_layers: int) -> PreTrainedModel:
     model = _qwen3_vl(num_layers, model_type="qwen3_vl_moe")
     return model
@@ -534,6 +568,7 @@ _BUILDERS = {
     "idefics2": _idefics2,
     "glm4v": _glm4v,
     "qwen3_vl_moe": _qwen3_vl_moe,
+    "qwen3_5": _qwen3_5,
     "mllama": _mllama,
     "llava_siglip": _llava_siglip,
 }
