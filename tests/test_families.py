@@ -213,3 +213,14 @@ def test_families_table_lists_every_family(capsys):
     assert main(["layers", "--families"]) == 0
     assert capsys.readouterr().out.strip() == table
     assert main(["layers"]) == 1
+
+
+def test_a_family_missing_from_transformers_is_named(monkeypatch):
+    from vregion.models import tiny
+
+    with pytest.raises(FamilyNotInstalledError, match="no 'no_such_vlm' models"):
+        tiny._from_config("no_such_vlm")
+    # The families table says so instead of failing.
+    monkeypatch.setitem(tiny._BUILDERS, "paligemma", lambda n: tiny._from_config("no_such_vlm"))
+    row = next(r for r in families_table().splitlines() if "| `paligemma` |" in r)
+    assert "| not in transformers " in row
