@@ -177,11 +177,13 @@ def main() -> int:
     device = pick_device()
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     model = load_model(args, device, getattr(torch, dtype_name)).eval()
-    num_layers = layer_map(model).num_layers
+    lmap = layer_map(model)
+    num_layers = lmap.num_layers
     region = [] if args.tiny else read_region(Path(args.region), num_layers)
+    protected = sorted({*region, *lmap.fixed_layers})  # e.g. Qwen3-VL's deepstack layers
     scores, ranking = read_scores(None if args.tiny else Path(args.scores), num_layers)
     depths = sorted({0, *args.prune})
-    plan: dict = {k: layers_to_prune(scores, region, k) for k in depths}
+    plan: dict = {k: layers_to_prune(scores, protected, k) for k in depths}
     plan["num_layers"] = num_layers
     inputs = prompt_batch(model, args.batch_size, args.prompt_len, device)
     print(

@@ -71,9 +71,13 @@ def prune(params: str = "params.yaml") -> dict:
     device = pick_device()
     model, processor = load_lvlm(TUNED)
     model.to(device).eval()
-    num_layers = layer_map(model).num_layers
+    lmap = layer_map(model)
+    num_layers = lmap.num_layers
     if any(not 0 <= i < num_layers for i in protected):
         raise ConfigError(f"prune.protect: {protected} has layers outside 0..{num_layers - 1}")
+    if lmap.fixed_layers:  # layers the family cannot lose, e.g. Qwen3-VL's deepstack layers
+        print(f"never pruned in {lmap.family}: {list(lmap.fixed_layers)} ({lmap.fixed_reason})")
+        protected = sorted(set(protected) | set(lmap.fixed_layers))
     params_before = parameter_count(model)
     data = calibration_set(p)
     batches = list(batches_of(processor, data, p.model.system_prompt, p.prune.batch_size))

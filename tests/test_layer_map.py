@@ -7,6 +7,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import vregion.models.layer_map as layer_map_module
 from vregion.models.layer_map import (
+    ARCHITECTURES,
     ArchSpec,
     UnsupportedArchitectureError,
     describe,
@@ -17,9 +18,15 @@ from vregion.models.layer_map import (
     vision_parameters,
 )
 from vregion.models.loading import CheckpointNotFoundError, empty_lvlm, load_lvlm, load_processor
-from vregion.models.tiny import IMAGE_TOKEN_ID, TINY_ARCHS, tiny_inputs, tiny_lvlm
+from vregion.models.tiny import (
+    IMAGE_TOKEN_ID,
+    TINY_ARCHS,
+    FamilyNotInstalledError,
+    tiny_inputs,
+    tiny_lvlm,
+)
 
-# Expected (layers, vision tower, projector) paths and module classes, read off transformers 5.23.
+# Expected vision tower and projector paths and module classes, read off transformers 5.23.
 EXPECTED = {
     "llava": (
         "model.vision_tower",
@@ -33,6 +40,12 @@ EXPECTED = {
         "model.multi_modal_projector",
         "LlavaNextMultiModalProjector",
     ),
+    "llava_onevision": (
+        "model.vision_tower",
+        "SiglipVisionModel",
+        "model.multi_modal_projector",
+        "LlavaOnevisionMultiModalProjector",
+    ),
     "qwen2_vl": (
         "model.visual",
         "Qwen2VisionTransformerPretrainedModel",
@@ -45,6 +58,91 @@ EXPECTED = {
         "model.visual.merger",
         "Qwen2_5_VLPatchMerger",
     ),
+    "qwen3_vl": (
+        "model.visual",
+        "Qwen3VLVisionModel",
+        "model.visual.merger",
+        "Qwen3VLVisionPatchMerger",
+    ),
+    "idefics3": (
+        "model.vision_model",
+        "Idefics3VisionTransformer",
+        "model.connector",
+        "Idefics3Connector",
+    ),
+    "smolvlm": (
+        "model.vision_model",
+        "SmolVLMVisionTransformer",
+        "model.connector",
+        "SmolVLMConnector",
+    ),
+    "paligemma": (
+        "model.vision_tower",
+        "SiglipVisionModel",
+        "model.multi_modal_projector",
+        "PaliGemmaMultiModalProjector",
+    ),
+    "gemma3": (
+        "model.vision_tower",
+        "SiglipVisionModel",
+        "model.multi_modal_projector",
+        "Gemma3MultiModalProjector",
+    ),
+    "mistral3": (
+        "model.vision_tower",
+        "PixtralVisionModel",
+        "model.multi_modal_projector",
+        "Mistral3MultiModalProjector",
+    ),
+    "internvl": (
+        "model.vision_tower",
+        "InternVLVisionModel",
+        "model.multi_modal_projector",
+        "InternVLMultiModalProjector",
+    ),
+    "llava_next_video": (
+        "model.vision_tower",
+        "CLIPVisionModel",
+        "model.multi_modal_projector",
+        "LlavaNextVideoMultiModalProjector",
+    ),
+    "vipllava": (
+        "model.vision_tower",
+        "CLIPVisionModel",
+        "model.multi_modal_projector",
+        "VipLlavaMultiModalProjector",
+    ),
+    "aya_vision": (
+        "model.vision_tower",
+        "SiglipVisionModel",
+        "model.multi_modal_projector",
+        "AyaVisionMultiModalProjector",
+    ),
+    "cohere2_vision": (
+        "model.vision_tower",
+        "SiglipVisionModel",
+        "model.multi_modal_projector",
+        "Cohere2VisionMultiModalProjector",
+    ),
+    "idefics2": (
+        "model.vision_model",
+        "Idefics2VisionTransformer",
+        "model.connector",
+        "Idefics2Connector",
+    ),
+    "glm4v": ("model.visual", "Glm4vVisionModel", "model.visual.merger", "Glm4vVisionPatchMerger"),
+    "qwen3_vl_moe": (
+        "model.visual",
+        "Qwen3VLMoeVisionModel",
+        "model.visual.merger",
+        "Qwen3VLMoeVisionPatchMerger",
+    ),
+    "qwen3_5": (
+        "model.visual",
+        "Qwen3_5VisionModel",
+        "model.visual.merger",
+        "Qwen3_5VisionPatchMerger",
+    ),
     "llava_siglip": (
         "model.vision_tower",
         "SiglipVisionModel",
@@ -52,6 +150,14 @@ EXPECTED = {
         "LlavaMultiModalProjector",
     ),
 }
+LAYERS_PATH = {
+    "idefics2": "model.text_model.layers",
+    "idefics3": "model.text_model.layers",
+    "smolvlm": "model.text_model.layers",
+}
+"""Where the LLM layers are when not at `model.language_model.layers`."""
+MAPPED_ARCHS = [a for a in TINY_ARCHS if not getattr(ARCHITECTURES.get(a), "refused", None)]
+"""Tiny models `layer_map` maps (refused families are tested in tests/test_families.py)."""
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -64,16 +170,19 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module", params=TINY_ARCHS)
+@pytest.fixture(scope="module", params=MAPPED_ARCHS)
 def arch_model(request):
-    return request.param, tiny_lvlm(request.param)
+    try:
+        return request.param, tiny_lvlm(request.param)
+    except FamilyNotInstalledError as err:
+        pytest.skip(str(err))
 
 
 def test_paths_and_modules_per_architecture(arch_model):
     arch, model = arch_model
     vision_path, vision_cls, projector_path, projector_cls = EXPECTED[arch]
     lm = layer_map(model)
-    assert lm.layers_path == "model.language_model.layers"
+    assert lm.layers_path == LAYERS_PATH.get(arch, "model.language_model.layers")
     assert lm.vision_tower_path == vision_path
     assert lm.projector_path == projector_path
     assert lm.lm_head_path == "lm_head"
@@ -141,7 +250,10 @@ def test_describe_counts_every_parameter_once(arch_model):
     for path in (lm.vision_tower_path, lm.projector_path, llm_layer_names(lm, 3).rstrip(".")):
         assert path in text
     total = sum(p.numel() for p in model.parameters())
-    assert f"{total:,}" in text.splitlines()[-1]
+    total_line = next(line for line in text.splitlines() if line.startswith("total "))
+    assert f"{total:,}" in total_line
+    assert f"region LoRA targets in each layer: {', '.join(lm.lora_targets)}" in text
+    assert ("never pruned: layers" in text) == bool(lm.fixed_layers)
     per_layer = sum(p.numel() for p in lm.layers[0].parameters())
     assert f"{per_layer:,}" in text.splitlines()[2]
 

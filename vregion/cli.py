@@ -19,8 +19,8 @@ then pruned, for the same visual quality at less training time and a smaller mod
 TINY_PREFIX = "tiny:"
 MODEL_HELP = (
     "a local checkpoint directory, a Hugging Face id (must be cached when HF_HUB_OFFLINE=1), "
-    "`tiny:<arch>` for a tiny random model (llava, llava_next, qwen2_vl, qwen2_5_vl, "
-    "llava_siglip), or `embedded` / `embedded-tiny` for the embedded default's layout"
+    "`tiny:<arch>` for a tiny random model (one per model_type in `vregion layers --families`, "
+    "plus llava_siglip), or `embedded` / `embedded-tiny` for the embedded default's layout"
 )
 
 
@@ -75,13 +75,24 @@ def add_layers(subparsers) -> None:
         description="Print where the LLM decoder layers, vision tower, projector and LM head of "
         "an LVLM live, with parameter counts per layer and per part.",
     )
-    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    p.add_argument("model", metavar="MODEL", nargs="?", help=MODEL_HELP)
+    p.add_argument(
+        "--families",
+        action="store_true",
+        help="instead, print the supported and refused LVLM families as a markdown table "
+        "(what the README shows), with the paths found on each family's tiny model",
+    )
     p.set_defaults(run=run_layers)
 
 
 def run_layers(args: argparse.Namespace) -> int:
-    from vregion.models.layer_map import describe, layer_map
+    from vregion.models.layer_map import describe, families_table, layer_map
 
+    if args.families == (args.model is not None):
+        raise ModelSpecError("give either a MODEL or --families")
+    if args.families:
+        print(families_table())
+        return 0
     print(describe(layer_map(open_model(args.model))))
     return 0
 

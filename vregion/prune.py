@@ -201,10 +201,17 @@ def prune_llm_layers(model: nn.Module, remove: Sequence[int]) -> nn.Module:
     The layer list keeps the other layers in order, each renumbered 0..n-1 (`layer_idx` of the
     layer and its submodules, so the KV cache fills one slot per remaining layer), and the text
     config is updated by `prune_config`, so `save_pretrained` + `from_pretrained` round-trip.
-    Works on any architecture `layer_map` knows, PEFT wrappers included.
+    Works on any architecture `layer_map` knows, PEFT wrappers included. Refuses the layers the
+    layer map marks `fixed_layers` (e.g. Qwen3-VL's deepstack layers).
     """
     lm = layer_map(model)
     kept = _kept_layers(lm.num_layers, remove)
+    fixed = sorted(set(lm.fixed_layers).difference(kept))
+    if fixed:
+        raise ValueError(
+            f"{lm.family} layers {fixed} cannot be pruned: {lm.fixed_reason} "
+            f"(layers never pruned in this model: {list(lm.fixed_layers)})"
+        )
     for idx in sorted(set(range(lm.num_layers)) - set(kept), reverse=True):
         del lm.layers[idx]  # ModuleList renames the rest to 0..n-1
     for new_idx, layer in enumerate(lm.layers):

@@ -56,10 +56,16 @@ def build_embedded(cfg: ModelConfig, out_dir: str | Path, max_objects: int) -> d
 
 
 def copy_pretrained(name_or_path: str, out_dir: str | Path) -> dict:
-    """Load an LVLM by HF id or directory and save it as the pipeline's base checkpoint."""
-    from vregion.models.loading import load_lvlm
+    """Load an LVLM by HF id or directory and save it as the pipeline's base checkpoint.
+
+    A family vregion refuses (or whose parts it cannot find) is refused here, from its config
+    alone, before any weight is read: not stages later.
+    """
+    from vregion.models.layer_map import layer_map
+    from vregion.models.loading import empty_lvlm, load_lvlm
 
     t0 = time.perf_counter()
+    layer_map(empty_lvlm(name_or_path))  # raises UnsupportedArchitectureError with the reason
     model, processor = load_lvlm(name_or_path)
     save_checkpoint(model, processor, out_dir)
     return {"source": name_or_path, "seconds": round(time.perf_counter() - t0, 1)}

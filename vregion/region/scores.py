@@ -240,7 +240,11 @@ class _ProbeTallies:
 def _attention_module(layer: nn.Module, idx: int) -> nn.Module:
     attention = getattr(layer, "self_attn", None)
     if attention is None:
-        raise ValueError(f"LLM layer {idx} ({type(layer).__name__}) has no `self_attn` module")
+        raise ValueError(
+            f"attention_to_image needs softmax self-attention in every LLM layer, and layer {idx} "
+            f"({type(layer).__name__}) has no `self_attn` module (a linear-attention or "
+            f"convolution layer of a hybrid LLM): choose another scorer for this model"
+        )
     return attention
 
 

@@ -1,7 +1,7 @@
 """Make only the visual region trainable: the projector plus the chosen LLM layers.
 
-Two modes, as in the paper: LoRA on all seven linear modules (q, k, v, o, gate, up, down) of the
-selected layers only (the authors' setting), or full weights of those layers. Everything else is
+Two modes, as in the paper: LoRA on all linear modules of the selected layers only (the
+authors' setting: q, k, v, o, gate, up, down; other families' names come from the layer map), or full weights of those layers. Everything else is
 frozen: the other LLM layers, embeddings, LM head, and the vision tower unless asked.
 """
 
@@ -15,7 +15,17 @@ from torch import nn
 
 from vregion.models.layer_map import layer_map, vision_parameters
 
-LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LINEAR_MODULES = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+"""The paper's seven modules (Llama names). The targets actually used are the layer map's
+`lora_targets`: every linear module of the family's decoder layers, or its table entry's list."""
 
 
 @dataclass(frozen=True)
@@ -28,15 +38,18 @@ class LoraSettings:
     """LoRA dropout (paper: 0.05)."""
 
 
-def region_target_regex(layers_path: str, layers: Sequence[int]) -> str:
-    """PEFT target regex: the seven linear modules of exactly these LLM layers.
+def region_target_regex(
+    layers_path: str, layers: Sequence[int], targets: Sequence[str] = LINEAR_MODULES
+) -> str:
+    """PEFT target regex: the linear modules `targets` (names inside a decoder layer, e.g.
+    `self_attn.q_proj`) of exactly these LLM layers.
 
     Anchored on the LLM's layer path so a vision encoder's `layers.N.self_attn.q_proj` (CLIP,
     SigLIP) never matches, which `layers_pattern="layers"` alone would allow.
     """
     idx = "|".join(str(i) for i in sorted(set(layers)))
-    mods = "|".join(LINEAR_MODULES)
-    return rf"(.*\.)?{re.escape(layers_path)}\.({idx})\.(self_attn|mlp)\.({mods})"
+    mods = "|".join(re.escape(t) for t in targets)
+    return rf"(.*\.)?{re.escape(layers_path)}\.({idx})\.({mods})"
 
 
 def make_region_trainable(
@@ -79,7 +92,7 @@ def make_region_trainable(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=region_target_regex(lmap.layers_path, layers),
+        target_modules=region_target_regex(lmap.layers_path, layers, lmap.lora_targets),
         modules_to_save=to_save,
         bias="none",
     )
