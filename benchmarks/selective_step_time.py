@@ -2,6 +2,7 @@
 
     python benchmarks/selective_step_time.py                     # models/aligned, data/ from `dvc repro align`
     python benchmarks/selective_step_time.py --rounds 3 --steps 6 --batch-size 8
+    python benchmarks/selective_step_time.py --configs region_lora --loss labelled full
 
 Configurations (all train the projector; the loss is the answer-token loss of visual QA):
   all_lora       LoRA on every LLM layer (the all-layer baseline)
@@ -9,10 +10,16 @@ Configurations (all train the projector; the loss is the answer-token loss of vi
   region_full    full weights of the region's layers
   projector_only no LLM layer trains; gradients still flow back through every layer (the floor)
 
+Losses (`--loss`, one or both; every configuration runs with each):
+  labelled  the LM head on the labelled (answer) positions only: what training uses
+  full      the LM head on every position, then the loss on the answers (the old way: a
+            batch x sequence x vocabulary logits tensor, on a large vocabulary the peak memory)
+
 Each configuration runs in its own process (so peak memory is its own), round-robin for
 `--rounds` rounds so drift on a noisy machine hits all alike; the step time reported is the
 median over all timed steps (the first `--warmup` steps of each process are not timed).
-Prints ratios against all_lora and writes JSON (default benchmarks/results/selective_step_time.json).
+Prints ratios against all_lora (same loss) and, with both losses, each labelled run's peak
+memory against its full-logits twin; writes JSON (default benchmarks/results/selective_step_time.json).
 """
 
 from __future__ import annotations
@@ -28,6 +35,11 @@ import sys
 from pathlib import Path
 
 CONFIGS = ("all_lora", "region_lora", "region_full", "projector_only")
+LOSSES = ("labelled", "full")  # vregion.train.loop.LOSSES, without importing torch here
+
+
+def run_name(config: str, loss: str, losses: list[str]) -> str:
+    return config if len(losses) == 1 else f"{config}/{loss}"
 
 
 def run_one(args: argparse.Namespace) -> dict:
@@ -79,7 +91,8 @@ def run_one(args: argparse.Namespace) -> dict:
         warmup_ratio=0.0,
         precision=resolve_precision(args.precision, device),
         device=device,
-        desc=args.one,
+        desc=f"{args.one}/{args.one_loss}",
+        loss=args.one_loss,
     )
     peak = (
         torch.cuda.max_memory_allocated() / 2**20
@@ -88,8 +101,10 @@ def run_one(args: argparse.Namespace) -> dict:
     )
     return {
         "config": args.one,
+        "loss": args.one_loss,
         "layers": layers,
         "seconds": [row["seconds"] for row in curve[args.warmup :]],
+        "losses": [row["loss"] for row in curve],
         "peak_memory_mib": round(peak, 1),
         "peak_memory_kind": "cuda max_memory_allocated"
         if device.type == "cuda"
@@ -113,8 +128,19 @@ def main() -> int:
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--system-prompt", default="Answer briefly.")
+    p.add_argument(
+        "--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS), help="default: all four"
+    )
+    p.add_argument(
+        "--loss",
+        nargs="+",
+        choices=LOSSES,
+        default=["labelled"],
+        help="labelled (LM head on answer positions only, default) and/or full (every position)",
+    )
     p.add_argument("--out", default="benchmarks/results/selective_step_time.json")
     p.add_argument("--one", choices=CONFIGS, help=argparse.SUPPRESS)
+    p.add_argument("--one-loss", choices=LOSSES, default="labelled", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         print("RESULT " + json.dumps(run_one(args)), flush=True)
@@ -125,12 +151,13 @@ def main() -> int:
             file=sys.stderr,
         )
         return 2
-    runs: dict[str, list[dict]] = {c: [] for c in CONFIGS}
+    names = {run_name(c, x, args.loss): (c, x) for c in args.configs for x in args.loss}
+    runs: dict[str, list[dict]] = {name: [] for name in names}
     child_args = [a for a in sys.argv[1:]]
     for r in range(args.rounds):
-        for config in CONFIGS:
+        for name, (config, loss) in names.items():
             out = subprocess.run(
-                [sys.executable, __file__, *child_args, "--one", config],
+                [sys.executable, __file__, *child_args, "--one", config, "--one-loss", loss],
                 capture_output=True,
                 text=True,
                 env={**os.environ, "HF_HUB_OFFLINE": "1"},
@@ -139,14 +166,15 @@ def main() -> int:
             if out.returncode or not line:
                 print(out.stderr[-3000:], file=sys.stderr)
                 return 1
-            runs[config].append(json.loads(line[-1][7:]))
-            print(
-                f"round {r + 1}/{args.rounds} {config}: median {statistics.median(runs[config][-1]['seconds']):.3f} s/step"
-            )
+            runs[name].append(json.loads(line[-1][7:]))
+            median = statistics.median(runs[name][-1]["seconds"])
+            print(f"round {r + 1}/{args.rounds} {name}: median {median:.3f} s/step")
     summary = {}
-    for config, rs in runs.items():
+    for name, rs in runs.items():
         seconds = [s for r in rs for s in r["seconds"]]
-        summary[config] = {
+        summary[name] = {
+            "config": names[name][0],
+            "loss": names[name][1],
             "median_step_seconds": round(statistics.median(seconds), 4),
             "timed_steps": len(seconds),
             "peak_memory_mib": max(r["peak_memory_mib"] for r in rs),
@@ -154,25 +182,35 @@ def main() -> int:
             "trainable_percent": rs[0]["trainable_percent"],
             "layers": rs[0]["layers"],
         }
-    base = summary["all_lora"]
     for s in summary.values():
-        s["step_time_vs_all_lora"] = round(
-            s["median_step_seconds"] / base["median_step_seconds"], 3
-        )
-        s["memory_vs_all_lora"] = round(s["peak_memory_mib"] / base["peak_memory_mib"], 3)
+        base = summary.get(run_name("all_lora", s["loss"], args.loss))
+        if base is not None:
+            s["step_time_vs_all_lora"] = round(
+                s["median_step_seconds"] / base["median_step_seconds"], 3
+            )
+            s["memory_vs_all_lora"] = round(s["peak_memory_mib"] / base["peak_memory_mib"], 3)
+        twin = summary.get(run_name(s["config"], "full", args.loss))
+        if s["loss"] == "labelled" and twin is not None:
+            s["memory_vs_full_loss"] = round(s["peak_memory_mib"] / twin["peak_memory_mib"], 3)
+            s["step_time_vs_full_loss"] = round(
+                s["median_step_seconds"] / twin["median_step_seconds"], 3
+            )
     print(
-        f"\n{'config':<16}{'s/step':>10}{'x all_lora':>12}{'peak MiB':>10}{'x mem':>8}{'trainable %':>13}"
+        f"\n{'run':<24}{'s/step':>10}{'x all_lora':>12}{'peak MiB':>10}{'x mem':>8}"
+        f"{'x mem full':>12}{'trainable %':>13}"
     )
-    for config, s in summary.items():
+    for name, s in summary.items():
         print(
-            f"{config:<16}{s['median_step_seconds']:>10.3f}{s['step_time_vs_all_lora']:>12.3f}"
-            f"{s['peak_memory_mib']:>10.0f}{s['memory_vs_all_lora']:>8.3f}{s['trainable_percent']:>13.3f}"
+            f"{name:<24}{s['median_step_seconds']:>10.3f}"
+            f"{s.get('step_time_vs_all_lora', float('nan')):>12.3f}{s['peak_memory_mib']:>10.0f}"
+            f"{s.get('memory_vs_all_lora', float('nan')):>8.3f}"
+            f"{s.get('memory_vs_full_loss', float('nan')):>12.3f}{s['trainable_percent']:>13.3f}"
         )
     result = {
         "command": "python benchmarks/selective_step_time.py " + " ".join(child_args),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-        "settings": {k: v for k, v in vars(args).items() if k != "one"},
-        "memory_note": runs["all_lora"][0]["peak_memory_kind"],
+        "settings": {k: v for k, v in vars(args).items() if k not in ("one", "one_loss")},
+        "memory_note": next(iter(runs.values()))[0]["peak_memory_kind"],
         "results": summary,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

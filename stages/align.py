@@ -1,8 +1,10 @@
 """align: stage-1 alignment, training the projector with the LLM frozen (models/aligned/).
 
 Trains on `align.data` (the synthetic captions, or LLaVA-Pretrain-style caption records from
-`data.sources`), streamed through a DataLoader. Writes the loss curve (DVC plot) and the held-out caption loss before/after, beside the same
-loss with images shuffled across captions, so the metrics show whether the image is used.
+`data.sources`), streamed through a DataLoader. Writes the loss curve (DVC plot) and the
+held-out caption loss before/after, beside the same loss with images shuffled across captions,
+so the metrics show whether the image is used. `align.skip: true` keeps the base's trained
+projector: models/aligned is models/base, its files hard-linked, and nothing trains.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from stages._common import run_stage, write_csv, write_json
 from vregion.config import load_params
 from vregion.data.dataset import RecordDataset, resolve_mix, sample_parts
 from vregion.devices import pick_device, resolve_precision
-from vregion.models.base import save_checkpoint
+from vregion.models.base import EMBEDDED, link_checkpoint, save_checkpoint
 from vregion.models.loading import load_lvlm
 from vregion.train.align import train_alignment
 from vregion.train.loop import ImageSet
@@ -27,11 +29,30 @@ DATA = "data"
 OUT = "models/aligned"
 METRICS = "metrics/align.json"
 CURVE = "metrics/align_loss.csv"
+CURVE_FIELDS = ["step", "loss", "lr", "seconds"]
+
+
+def keep_base(embedded: bool) -> dict:
+    """models/aligned = models/base (hard links), an empty curve, metrics that say so."""
+    metrics = {
+        "skipped": True,
+        "reason": "align.skip: the base checkpoint's projector is kept as it is",
+        "steps": 0,
+        "trainable_params": 0,
+        **link_checkpoint(BASE, OUT),
+    }
+    if embedded:
+        print("warning: align.skip with the embedded base keeps its untrained projector")
+    write_csv(CURVE, [], fields=CURVE_FIELDS)
+    write_json(METRICS, metrics)
+    return metrics
 
 
 @flow(name="align", log_prints=True)
 def align(params: str = "params.yaml") -> dict:
     p = load_params(params)
+    if p.align.skip:
+        return keep_base(p.model.base in EMBEDDED)
     torch.manual_seed(p.model.seed)
     device = pick_device()
     precision = resolve_precision(p.align.precision, device)

@@ -132,7 +132,7 @@ def summary(p) -> str:
             [
                 [
                     "align",
-                    "projector",
+                    "skipped: base projector kept" if align.get("skipped") else "projector",
                     align.get("steps", ""),
                     align.get("seconds_per_step", ""),
                     "",

@@ -32,7 +32,8 @@ def test_every_field_has_a_docstring():
 @pytest.mark.parametrize(
     "patch, words",
     [
-        ({"align": {"steps": 0}}, ["align.steps", "greater than or equal to 1"]),
+        ({"align": {"steps": 0}}, ["align.steps", "trains nothing", "align.skip"]),
+        ({"align": {"steps": -1}}, ["align.steps", "greater than or equal to 0"]),
         ({"align": {"stepz": 3}}, ["align.stepz", "Extra inputs"]),
         ({"align": {"precision": "fp8"}}, ["align.precision", "fp8"]),
         ({"model": {"embedded": {"image_size": 60}}}, ["multiple of patch_size"]),

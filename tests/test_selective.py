@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
+
 import pytest
 import torch
 
-from vregion.models.layer_map import layer_map
-from vregion.models.tiny import tiny_inputs, tiny_lvlm
+from vregion.models.layer_map import ARCHITECTURES, layer_map
+from vregion.models.tiny import FamilyNotInstalledError, tiny_inputs, tiny_lvlm
 from vregion.train.selective import (
     LoraSettings,
     make_region_trainable,
@@ -100,3 +103,49 @@ def test_region_regex_never_matches_vision_layers():
 def test_out_of_range_layer_is_refused_with_the_layer_count():
     with pytest.raises(ValueError, match="4 layers"):
         make_region_trainable(tiny_lvlm("llava", num_layers=4), [5])
+
+
+@pytest.mark.parametrize("train_vision", [False, True], ids=["tower-frozen", "tower-trained"])
+@pytest.mark.parametrize(
+    "model_type", [t for t, spec in ARCHITECTURES.items() if spec.refused is None]
+)
+def test_lora_adapter_trains_the_projector_and_reloads_as_merged(
+    model_type, train_vision, tmp_path
+):
+    """Qwen-VL nests its projector in the tower: with the tower trained too, the projector must
+    still train, and the adapter must reload with plain PEFT to the merged checkpoint."""
+    from peft import PeftModel
+
+    torch.set_num_threads(1)  # tiny ops on a busy CPU
+    try:
+        original = tiny_lvlm(model_type, num_layers=2)
+    except FamilyNotInstalledError as err:
+        pytest.skip(str(err))
+    lm = layer_map(original)
+    before = _snapshot(original)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = make_region_trainable(
+            copy.deepcopy(original),
+            [1],
+            lora=LoraSettings(r=4, alpha=8, dropout=0.0),
+            train_vision=train_vision,
+        )
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in trainable_groups(model, 1e-2, 1e-2)}
+    projector = {id(p) for p in layer_map(model).projector.parameters() if p.requires_grad}
+    assert projector and projector <= groups["projector"]
+    _train(model, tiny_inputs(original, with_labels=True), steps=1)
+    model.save_pretrained(tmp_path)
+    merged = copy.deepcopy(model).merge_and_unload().state_dict()
+
+    def changed(prefix: str) -> bool:
+        return any(not torch.equal(before[k], merged[k]) for k in before if k.startswith(prefix))
+
+    assert changed(lm.projector_path + "."), "the projector did not train"
+    tower = [k for k in before if k.startswith(lm.vision_tower_path + ".")]
+    tower = [k for k in tower if not k.startswith(lm.projector_path + ".")]
+    assert any(not torch.equal(before[k], merged[k]) for k in tower) == train_vision
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(original), tmp_path).merge_and_unload()
+    got = reloaded.state_dict()
+    assert got.keys() == merged.keys()
+    assert all(torch.equal(got[k], merged[k]) for k in got)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -189,3 +190,35 @@ def test_region_refuses_a_region_larger_than_the_model_and_writes_nothing(
     # `all` takes every layer whatever the (default) size says
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"region": {"strategy": "all"}}))
     assert region(params="params.yaml")["region"] == [0, 1, 2, 3]
+
+
+def test_align_skip_keeps_the_base_as_hard_links(
+    tmp_path, monkeypatch, tiny_embedded_dir, prefect_harness
+):
+    from safetensors.torch import load_file
+
+    from stages.align import align
+
+    base, _ = tiny_embedded_dir
+    shutil.copytree(base, tmp_path / "models" / "base")
+    (tmp_path / "models" / "aligned").mkdir()
+    (tmp_path / "models" / "aligned" / "stale.bin").write_bytes(b"from an earlier run")
+    params = {"model": {"base": "embedded-tiny"}, "align": {"skip": True}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)  # no data/: a skipped align reads none
+    metrics = align(params="params.yaml")
+
+    base, aligned = tmp_path / "models" / "base", tmp_path / "models" / "aligned"
+    files = sorted(p.relative_to(base) for p in base.rglob("*") if p.is_file())
+    assert sorted(p.relative_to(aligned) for p in aligned.rglob("*") if p.is_file()) == files
+    weights = [f for f in files if f.suffix == ".safetensors"]
+    assert weights
+    for f in files:  # the same bytes, stored once
+        assert (aligned / f).stat().st_ino == (base / f).stat().st_ino, f
+    for f in weights:
+        a, b = load_file(aligned / f), load_file(base / f)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert metrics["skipped"] is True and metrics["steps"] == 0
+    assert metrics["files_linked"] == len(files) and metrics["files_copied"] == 0
+    assert json.loads((tmp_path / "metrics/align.json").read_text()) == metrics
+    assert (tmp_path / "metrics/align_loss.csv").read_text().strip() == "step,loss,lr,seconds"

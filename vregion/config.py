@@ -16,6 +16,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -170,12 +171,16 @@ class DataConfig(Section):
 class AlignConfig(Section):
     """Stage 1: train the projector (LLM frozen; tower frozen unless `vision_lr` > 0)."""
 
+    skip: bool = False
+    """Keep the base's projector (a checkpoint whose projector is already trained, e.g.
+    LLaVA-1.5): `models/aligned` is `models/base` (files hard-linked), nothing trains, and the
+    other fields are not used."""
     data: Mix = ["synthetic/train/captions"]
     """Training captions (LLaVA-Pretrain-style records: one image, one caption answer)."""
     eval_data: Mix = ["synthetic/eval/captions"]
     """Held-out captions for the before/after and shuffled-image losses."""
-    steps: int | None = Field(100, ge=1)
-    """Optimizer steps (null: train by `epochs`)."""
+    steps: int | None = Field(100, ge=0)
+    """Optimizer steps (null: train by `epochs`); to train none, set `skip`."""
     epochs: float | None = Field(None, gt=0)
     """Passes over `data` (LLaVA stage 1: 1); null: train by `steps`."""
     batch_size: int = Field(16, ge=1)
@@ -192,6 +197,13 @@ class AlignConfig(Section):
     """Held-out captions for the before/after and shuffled-image losses."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """`auto`: bf16 autocast where the hardware runs it fast (CUDA, or CPU with AMX/AVX512-BF16), else fp32."""
+
+    @field_validator("steps")
+    @classmethod
+    def _some_steps(cls, steps: int | None) -> int | None:
+        if steps == 0:  # a trained projector is kept by `skip`, which also copies no weights
+            raise ValueError("0 steps trains nothing: to keep the base's projector, set align.skip")
+        return steps
 
     @model_validator(mode="after")
     def _one_length(self) -> AlignConfig:

@@ -192,6 +192,14 @@ def _child(module: nn.Module, names: Sequence[str]) -> str | None:
     return next((n for n in names if n in children), None)
 
 
+def _forward_module(module: nn.Module) -> nn.Module:
+    """The module that runs: a PEFT `modules_to_save` wrapper's active copy, else `module`."""
+    copies = getattr(module, "modules_to_save", None)
+    if isinstance(copies, nn.ModuleDict) and not module.disable_adapters and module.active_adapters:
+        return copies[module.active_adapters[0]]
+    return module
+
+
 def _discover(base: nn.Module) -> dict[str, str | None]:
     """Dotted paths of the four parts found by name and structure (None where not found)."""
     paths: dict[str, str | None] = dict.fromkeys(("layers", "vision_tower", "projector", "lm_head"))
@@ -216,7 +224,9 @@ def _discover(base: nn.Module) -> dict[str, str | None]:
     if projector is not None:
         paths["projector"] = inner_prefix + projector
     elif tower is not None:
-        nested = _child(inner.get_submodule(tower), PROJECTOR_NAMES)
+        # A trained tower (PEFT `modules_to_save`) holds the projector in its trainable copy;
+        # `get_submodule` resolves the same path to it through the wrapper.
+        nested = _child(_forward_module(inner.get_submodule(tower)), PROJECTOR_NAMES)
         if nested is not None:
             paths["projector"] = f"{inner_prefix}{tower}.{nested}"
     return paths

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vregion.models.layer_map import LayerMap, layer_index, layer_map, llm_layer_names
-from vregion.train.loop import answer_nll_sums
+from vregion.train.loop import answer_nll
 
 Batch = Mapping[str, object]
 """Keyword arguments for `model(**batch)`; may include `labels` (dropped where not needed)."""
@@ -367,8 +367,9 @@ def _answer_loss(model: nn.Module, batches: Sequence[Batch]) -> float:
         for batch in batches:
             if "labels" not in batch:
                 raise ValueError("layer_ablation needs `labels` in every batch")
-            logits = model(**_model_inputs(batch, device)).logits
-            nll, n = answer_nll_sums(logits, batch["labels"].to(device))
+            labels = batch["labels"].to(device)
+            inputs = _model_inputs(batch, device)
+            nll, n = answer_nll(model, inputs, labels, precision="fp32", device=device)
             total += float(nll)
             count += n
     if count == 0:

@@ -84,12 +84,55 @@ class ImageSet:
 
 
 def answer_nll_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token NLL over labelled positions, and how many there are."""
+    """Summed next-token NLL over labelled positions, and how many there are (from full logits)."""
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
     mask = shift_labels != IGNORE_INDEX
     nll = torch.nn.functional.cross_entropy(shift_logits[mask], shift_labels[mask], reduction="sum")
     return nll, int(mask.sum())
+
+
+LOSSES = ("labelled", "full")
+"""How `answer_nll` gets its logits: the LM head on the labelled positions only, or on every
+position (the old way, kept so `benchmarks/selective_step_time.py` can measure the difference)."""
+
+
+def answer_nll(
+    model,
+    batch: dict,
+    labels: torch.Tensor,
+    *,
+    precision: str,
+    device: torch.device,
+    loss: str = "labelled",
+) -> tuple[torch.Tensor, int]:
+    """`model(**batch)`'s summed next-token NLL over the labelled positions, and their count.
+
+    `loss="labelled"` applies the LM head only to positions whose next token is labelled
+    (transformers' boolean `logits_to_keep`): a batch x sequence x vocabulary logits tensor
+    (17 GB in fp32 for Llama-3's 128K vocabulary, 16 x 2,048 tokens) is never made. The model is
+    still called as a whole, so DDP and FSDP wrappers see their usual forward.
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if loss == "full":
+        with autocast(precision, device):
+            logits = model(**batch).logits
+        return answer_nll_sums(logits, labels)
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t + 1
+    targets = labels[:, 1:][keep[:, :-1]]  # row-major, the order logits_to_keep returns
+    with autocast(precision, device):
+        logits = model(**batch, logits_to_keep=keep).logits
+    if logits.shape[:-1] != targets.shape:
+        if logits.shape[:2] == labels.shape:  # a model that ignores `logits_to_keep`
+            return answer_nll_sums(logits, labels)
+        raise ValueError(
+            f"{type(model).__name__} returned logits of shape {tuple(logits.shape)} for "
+            f"{targets.numel()} labelled positions"
+        )
+    nll = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+    return nll, targets.numel()
 
 
 def batches_of(
@@ -128,9 +171,7 @@ def mean_answer_loss(
     ):
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels")
-        with autocast(precision, device):
-            logits = model(**batch).logits
-        nll, n = answer_nll_sums(logits, labels)
+        nll, n = answer_nll(model, batch, labels, precision=precision, device=device)
         total += float(nll)
         count += n
     return total / max(count, 1)
@@ -163,6 +204,7 @@ def train_steps(
     start_step: int = 0,
     resume_state: dict | None = None,
     load_optimizer: Callable[[torch.optim.Optimizer, dict], None] | None = None,
+    loss: str = "labelled",
 ) -> list[dict]:
     """Train `groups` (AdamW param groups with their own `lr`) for `steps` optimizer steps.
 
@@ -172,7 +214,7 @@ def train_steps(
     pass the `start_step` done and `resume_state` ({"optimizer", "scheduler"} state dicts);
     `load_optimizer(optimizer, state)` replaces `optimizer.load_state_dict` (FSDP's state is
     keyed by name). `on_step(row, optimizer, scheduler)` runs after every step (e.g. to
-    checkpoint).
+    checkpoint). `loss` says how logits are made (see `answer_nll`; `full` only to measure).
     """
     params = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
@@ -193,12 +235,10 @@ def train_steps(
         for _ in range(grad_accum):
             batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
             labels = batch.pop("labels")
-            with autocast(precision, device):
-                logits = model(**batch).logits
-            nll, n = answer_nll_sums(logits, labels)
-            loss = nll / max(n, 1) / grad_accum
-            loss.backward()
-            step_loss += loss.item()
+            nll, n = answer_nll(model, batch, labels, precision=precision, device=device, loss=loss)
+            loss_value = nll / max(n, 1) / grad_accum
+            loss_value.backward()
+            step_loss += loss_value.item()
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
         scheduler.step()

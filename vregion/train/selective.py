@@ -63,7 +63,8 @@ def make_region_trainable(
     """Return the model to train (a PeftModel in `lora` mode) with only the region trainable.
 
     The projector is trained in full in both modes (in LoRA mode as a PEFT `modules_to_save`, so
-    the adapter alone restores it). `layers` may be empty: projector-only tuning.
+    the adapter alone restores it), and so is the vision tower with `train_vision`. `layers` may
+    be empty: projector-only tuning.
     """
     if mode not in ("lora", "full"):
         raise ValueError(f"mode must be 'lora' or 'full', got {mode!r}")
@@ -87,7 +88,14 @@ def make_region_trainable(
     if not layers:
         # PEFT needs at least one target: an empty region is projector-only, done without LoRA.
         return make_region_trainable(model, [], mode="full", train_vision=train_vision)
-    to_save = [lmap.projector_path] + ([lmap.vision_tower_path] if train_vision else [])
+    to_save = [lmap.projector_path]
+    if train_vision:
+        # Qwen-VL's projector (`visual.merger`) lives inside the tower, and the tower's trainable
+        # copy holds one of its own. A second, nested copy of the projector would sit off the
+        # forward path (no gradient: the projector would silently stop training) and its keys
+        # would not reload with `PeftModel.from_pretrained`: save the tower alone.
+        nested = lmap.projector_path.startswith(lmap.vision_tower_path + ".")
+        to_save = [lmap.vision_tower_path] + ([] if nested else to_save)
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
