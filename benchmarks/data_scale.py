@@ -258,8 +258,10 @@ def main() -> int:
         print(f"{key:32s}{s[key]:>12}{g[key]:>12}")
     for key, value in ratios.items():
         print(f"{key}: {value}")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     out = {
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "commit": commit.stdout.strip() or None,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "settings": {k: v for k, v in vars(args).items() if k not in ("one", "size")},
         "sizes": {str(k): v for k, v in summary.items()},
