@@ -13,6 +13,7 @@ log = logging.getLogger(__name__)
 
 
 EMBEDDED = ("embedded", "embedded-tiny")
+ASSEMBLE = "assemble"
 
 
 def build_embedded(cfg: ModelConfig, out_dir: str | Path, max_objects: int) -> dict:
@@ -52,6 +53,36 @@ def build_embedded(cfg: ModelConfig, out_dir: str | Path, max_objects: int) -> d
         "source": f"{cfg.base}: {'SmolLM2-135M-Instruct' if cfg.base == 'embedded' else 'random tiny Llama'} + SigLIP",
         "seconds": round(time.perf_counter() - t0, 1),
         "tower": tower_metrics,
+    }
+
+
+def build_assembled(cfg: ModelConfig, out_dir: str | Path) -> dict:
+    """A LLaVA assembled from `cfg.assemble`'s LLM, tower and projector, saved as an HF checkpoint."""
+    from vregion.models.assemble import assemble_llava
+    from vregion.models.layer_map import layer_map
+
+    parts = cfg.assemble
+    t0 = time.perf_counter()
+    model, processor = assemble_llava(
+        parts.llm,
+        parts.vision_tower,
+        parts.projector,
+        vision_feature_layer=parts.vision_feature_layer,
+        vision_feature_select_strategy=parts.vision_feature_select_strategy,
+        pad_to_square=parts.pad_to_square,
+        image_token=parts.image_token,
+        chat_template=parts.chat_template,
+        dtype=parts.dtype,
+        seed=cfg.seed,
+    )
+    lm = layer_map(model)
+    save_checkpoint(model, processor, out_dir)
+    return {
+        "source": f"assembled: {parts.llm} + {parts.vision_tower}",
+        "projector": parts.projector or "random (align trains it)",
+        "llm_layers": lm.num_layers,
+        "image_tokens": model.config.image_seq_length,
+        "seconds": round(time.perf_counter() - t0, 1),
     }
 
 

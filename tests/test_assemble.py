@@ -1,0 +1,218 @@
+"""A LLaVA assembled from parts (LLM directory, CLIP/SigLIP tower, LLaVA's `mm_projector.bin`):
+the embedded model taken apart and reassembled computes the same logits; a CLIP tower with
+LLaVA-1.5's options runs; a wrong projector file is refused by name, key and shape."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    CLIPConfig,
+    CLIPModel,
+    LlamaForCausalLM,
+)
+
+from vregion.data.encode import IGNORE_INDEX, encode_sample
+from vregion.data.records import Sample
+from vregion.models.assemble import (
+    PROJECTOR_KEYS,
+    ProjectorWeightsError,
+    assemble_llava,
+    load_projector_weights,
+)
+from vregion.models.embedded import load_smollm2_tokenizer, tiny_llm
+from vregion.models.layer_map import layer_map
+
+MESSAGES = [
+    {"role": "system", "content": [{"type": "text", "text": "Answer briefly."}]},
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops on busy cores: threads only add overhead
+    yield
+    torch.set_num_threads(before)
+
+
+def save_projector(projector: torch.nn.Module, path, rename=None) -> None:
+    """Write a LLaVA projector's weights in LLaVA's layout (.bin or .safetensors)."""
+    state = projector.state_dict()
+    out = {key: state[name].clone() for key, name in PROJECTOR_KEYS.items()}
+    for old, new in (rename or {}).items():
+        out[new] = out.pop(old)
+    if str(path).endswith(".safetensors"):
+        save_file(out, str(path))
+    else:
+        torch.save(out, path)
+
+
+@pytest.fixture(scope="module")
+def embedded_parts(tiny_embedded_dir, tmp_path_factory):
+    """The embedded-tiny model and its parts saved as a user would have them."""
+    base, _ = tiny_embedded_dir
+    model = AutoModelForImageTextToText.from_pretrained(base).eval()
+    processor = AutoProcessor.from_pretrained(base)
+    root = tmp_path_factory.mktemp("parts")
+    llm = LlamaForCausalLM(model.config.text_config)
+    llm.model.load_state_dict(model.model.language_model.state_dict())
+    llm.lm_head.load_state_dict(model.lm_head.state_dict())
+    llm.save_pretrained(root / "llm")
+    processor.tokenizer.save_pretrained(root / "llm")
+    model.model.vision_tower.save_pretrained(root / "tower")
+    save_projector(model.model.multi_modal_projector, root / "mm_projector.bin")
+    return model, processor, root
+
+
+def test_assembled_from_saved_parts_computes_the_embedded_models_logits(embedded_parts):
+    original, processor, root = embedded_parts
+    model, assembled = assemble_llava(
+        root / "llm",
+        root / "tower",
+        root / "mm_projector.bin",
+        vision_feature_layer=original.config.vision_feature_layer,
+        vision_feature_select_strategy="full",
+    )
+    image = Image.new("RGB", (64, 64), "red")
+    text = processor.apply_chat_template(MESSAGES, add_generation_prompt=True)
+    assert assembled.apply_chat_template(MESSAGES, add_generation_prompt=True) == text
+    want = processor(text=[text], images=[image], return_tensors="pt")
+    got = assembled(text=[text], images=[image], return_tensors="pt")
+    assert torch.equal(got["input_ids"], want["input_ids"])
+    assert torch.equal(got["pixel_values"], want["pixel_values"])
+    assert model.config.image_token_id == original.config.image_token_id
+    with torch.no_grad():
+        expected = original(**want).logits
+        logits = model(**got).logits
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+
+    # The same projector as safetensors loads the same weights.
+    save_projector(original.model.multi_modal_projector, root / "mm_projector.safetensors")
+    projector = torch.nn.Module()
+    projector.linear_1 = torch.nn.Linear(
+        *reversed(model.model.multi_modal_projector.linear_1.weight.shape)
+    )
+    projector.linear_2 = torch.nn.Linear(
+        *reversed(model.model.multi_modal_projector.linear_2.weight.shape)
+    )
+    load_projector_weights(root / "mm_projector.safetensors", projector)
+    for name, tensor in projector.state_dict().items():
+        assert torch.equal(tensor, original.model.multi_modal_projector.state_dict()[name])
+
+
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        (
+            {"shape": True},
+            r"'model.mm_projector.2.weight' has shape \(64, 32\), expected \(64, 64\)",
+        ),
+        ({"rename": {"model.mm_projector.2.bias": "model.mm_projector.4.bias"}}, "unexpected"),
+        (
+            {"drop": "model.mm_projector.0.bias"},
+            r"missing key 'model.mm_projector.0.bias' \(expected shape \(64,\)\)",
+        ),
+    ],
+)
+def test_wrong_projector_file_is_refused_with_file_key_and_shape(tmp_path, change, says):
+    projector = torch.nn.Module()
+    projector.linear_1 = torch.nn.Linear(32, 64)
+    projector.linear_2 = torch.nn.Linear(64, 64)
+    state = {key: projector.state_dict()[name] for key, name in PROJECTOR_KEYS.items()}
+    if change.get("shape"):
+        state["model.mm_projector.2.weight"] = torch.zeros(64, 32)
+    for old, new in change.get("rename", {}).items():
+        state[new] = state.pop(old)
+    state.pop(change.get("drop", ""), None)
+    path = tmp_path / "mm_projector.bin"
+    torch.save(state, path)
+    with pytest.raises(ProjectorWeightsError, match=says) as err:
+        load_projector_weights(path, projector)
+    assert str(path) in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def llm_and_clip(tmp_path_factory):
+    """A tiny Llama with SmolLM2's tokenizer (no image token yet) and a tiny full CLIP model."""
+    root = tmp_path_factory.mktemp("clip-parts")
+    tokenizer = load_smollm2_tokenizer()
+    tiny_llm(tokenizer, layers=32).save_pretrained(root / "llm")
+    tokenizer.save_pretrained(root / "llm")
+    torch.manual_seed(0)
+    clip = CLIPConfig(
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=64,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
+    CLIPModel(clip).save_pretrained(root / "clip")  # a full CLIP, as openai/clip-vit-* is
+    projector = torch.nn.Module()
+    projector.linear_1 = torch.nn.Linear(32, 64)
+    projector.linear_2 = torch.nn.Linear(64, 64)
+    path = root / "mm_projector.bin"
+    torch.save({k: projector.state_dict()[n] for k, n in PROJECTOR_KEYS.items()}, path)
+    return root
+
+
+def test_clip_tower_with_llava15_options_runs(llm_and_clip):
+    root = llm_and_clip
+    model, processor = assemble_llava(
+        root / "llm",
+        root / "clip",
+        root / "mm_projector.bin",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        pad_to_square=True,
+        chat_template="vicuna_v1",
+    )
+    tok = processor.tokenizer
+    assert "<image>" in tok.get_vocab() and model.config.text_config.vocab_size == len(tok)
+    assert layer_map(model).num_layers == 32
+    text = processor.apply_chat_template(MESSAGES, add_generation_prompt=True)
+    assert text == "Answer briefly. USER: <image>\nWhat colour? ASSISTANT:"
+    wide = Image.new("RGB", (64, 32), "blue")  # padded to 64x64, then resized to 32x32
+    batch = processor(text=[text], images=[wide], return_tensors="pt")
+    assert batch["pixel_values"].shape == (1, 3, 32, 32)
+    assert (batch["input_ids"] == model.config.image_token_id).sum() == 16  # CLS dropped
+    with torch.no_grad():
+        logits = model(**batch).logits
+        hidden = model.model.vision_tower(batch["pixel_values"], output_hidden_states=True)
+        features = model.model.get_image_features(batch["pixel_values"]).pooler_output[0]
+    assert torch.isfinite(logits).all()
+    want = model.model.multi_modal_projector(hidden.hidden_states[-2][:, 1:])[0]
+    torch.testing.assert_close(features, want)
+
+    # LLaVA-1.5's conversation format trains on the answers and their end token only.
+    turns = [("<image>\nWhat colour?", "Blue."), ("And the shape?", "A square.")]
+    conversations = [
+        {"from": who, "value": value} for q, a in turns for who, value in (("human", q), ("gpt", a))
+    ]
+    sample = Sample(id="x", image="x.png", conversations=conversations)
+    encoded = encode_sample(processor, sample, wide, "Answer briefly.")
+    answers = [t for t in encoded["labels"] if t != IGNORE_INDEX]
+    eos = tok.eos_token
+    assert tok.decode(answers).split() == [f"Blue.{eos}", "A", f"square.{eos}"]
+
+
+def test_siglip_with_cls_dropping_strategy_is_refused(embedded_parts):
+    _, _, root = embedded_parts
+    with pytest.raises(ValueError, match="SigLIP has no CLS token"):
+        assemble_llava(root / "llm", root / "tower", vision_feature_select_strategy="default")
