@@ -93,13 +93,28 @@ def copy_pretrained(name_or_path: str, out_dir: str | Path) -> dict:
     alone, before any weight is read: not stages later.
     """
     from vregion.models.layer_map import layer_map
-    from vregion.models.loading import empty_lvlm, load_lvlm
+    from vregion.models.loading import (
+        copy_processor_files,
+        empty_lvlm,
+        load_lvlm,
+        load_processor,
+    )
 
     t0 = time.perf_counter()
     layer_map(empty_lvlm(name_or_path))  # raises UnsupportedArchitectureError with the reason
-    model, processor = load_lvlm(name_or_path)
+    model, _ = load_lvlm(name_or_path, with_processor=False)
+    try:
+        processor = load_processor(name_or_path)
+    except ImportError as err:  # e.g. Qwen-VL's video processor without torchvision
+        processor, missing = None, err
     save_checkpoint(model, processor, out_dir)
-    return {"source": name_or_path, "seconds": round(time.perf_counter() - t0, 1)}
+    metrics = {"source": name_or_path, "seconds": round(time.perf_counter() - t0, 1)}
+    if processor is None:
+        metrics["processor_files_copied"] = copy_processor_files(name_or_path, out_dir)
+        if not metrics["processor_files_copied"]:
+            raise missing
+        log.warning("processor not built here (%s); its files were copied as they are", missing)
+    return metrics
 
 
 def save_checkpoint(model, processor, out_dir: str | Path) -> None:
