@@ -13,13 +13,16 @@ import yaml
 from PIL import Image
 from safetensors.torch import save_file
 from transformers import (
+    AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoProcessor,
     AutoTokenizer,
     CLIPConfig,
     CLIPModel,
+    CLIPVisionConfig,
     LlamaForCausalLM,
     Qwen2VLImageProcessorPil,
+    SiglipVisionConfig,
 )
 
 from vregion.config import AlignConfig, ModelConfig, Params, load_params
@@ -29,7 +32,8 @@ from vregion.models.assemble import (
     PROJECTOR_KEYS,
     ProjectorWeightsError,
     assemble_llava,
-    load_projector_weights,
+    image_processor_for,
+    read_projector_weights,
 )
 from vregion.models.embedded import load_smollm2_tokenizer, tiny_llm
 from vregion.models.layer_map import layer_map
@@ -101,18 +105,11 @@ def test_assembled_from_saved_parts_computes_the_embedded_models_logits(embedded
         logits = model(**got).logits
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
 
-    # The same projector as safetensors loads the same weights.
+    # The same projector as safetensors reads the same weights.
     save_projector(original.model.multi_modal_projector, root / "mm_projector.safetensors")
-    projector = torch.nn.Module()
-    projector.linear_1 = torch.nn.Linear(
-        *reversed(model.model.multi_modal_projector.linear_1.weight.shape)
-    )
-    projector.linear_2 = torch.nn.Linear(
-        *reversed(model.model.multi_modal_projector.linear_2.weight.shape)
-    )
-    load_projector_weights(root / "mm_projector.safetensors", projector)
-    for name, tensor in projector.state_dict().items():
-        assert torch.equal(tensor, original.model.multi_modal_projector.state_dict()[name])
+    read = read_projector_weights(root / "mm_projector.safetensors", 192, 64)
+    for name, tensor in original.model.multi_modal_projector.state_dict().items():
+        assert torch.equal(read[name], tensor)
 
 
 @pytest.mark.parametrize(
@@ -129,11 +126,10 @@ def test_assembled_from_saved_parts_computes_the_embedded_models_logits(embedded
         ),
     ],
 )
-def test_wrong_projector_file_is_refused_with_file_key_and_shape(tmp_path, change, says):
-    projector = torch.nn.Module()
-    projector.linear_1 = torch.nn.Linear(32, 64)
-    projector.linear_2 = torch.nn.Linear(64, 64)
-    state = {key: projector.state_dict()[name] for key, name in PROJECTOR_KEYS.items()}
+def test_wrong_projector_file_is_refused_with_file_key_and_shape(
+    llm_and_clip, tmp_path, monkeypatch, change, says
+):
+    state = torch.load(llm_and_clip / "mm_projector.bin", weights_only=True)
     if change.get("shape"):
         state["model.mm_projector.2.weight"] = torch.zeros(64, 32)
     for old, new in change.get("rename", {}).items():
@@ -141,8 +137,13 @@ def test_wrong_projector_file_is_refused_with_file_key_and_shape(tmp_path, chang
     state.pop(change.get("drop", ""), None)
     path = tmp_path / "mm_projector.bin"
     torch.save(state, path)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the LLM was loaded before the projector file was checked")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", never)
     with pytest.raises(ProjectorWeightsError, match=says) as err:
-        load_projector_weights(path, projector)
+        assemble_llava(llm_and_clip / "llm", llm_and_clip / "clip", path)
     assert str(path) in str(err.value)
 
 
@@ -337,3 +338,16 @@ def test_assemble_section_and_base_go_together():
     for bad in ({"base": "assemble"}, {"base": "embedded", "assemble": parts}):
         with pytest.raises(ValueError, match="model.base: assemble needs a model.assemble"):
             ModelConfig(**bad)
+
+
+@pytest.mark.parametrize("tower", ["clip", "siglip"])
+def test_pad_to_square_pads_with_the_mean_colour(tower):
+    config = (CLIPVisionConfig if tower == "clip" else SiglipVisionConfig)(image_size=32)
+    processor = image_processor_for(config, pad_to_square=True)
+    wide = Image.new("RGB", (64, 32), "white")  # padded to 64x64: a mean-colour band above
+    pixels = processor(images=[wide], return_tensors="pt")["pixel_values"][0]
+    assert pixels.shape == (3, 32, 32)
+    assert pixels[:, :6].abs().max() < 0.02  # the mean colour normalises to ~0
+    assert pixels[:, 12:20].min() > 0.9  # white
+    plain = image_processor_for(config, pad_to_square=False)
+    assert plain(images=[wide], return_tensors="pt")["pixel_values"][0, :, :6].min() > 0.9

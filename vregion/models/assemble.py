@@ -84,11 +84,14 @@ def vision_tower_config(name_or_path: str | Path) -> CLIPVisionConfig | SiglipVi
     return config
 
 
-def load_projector_weights(path: str | Path, projector: torch.nn.Module) -> None:
-    """Copy LLaVA's stage-1 projector (`mm_projector.bin` or `.safetensors`) into `projector`.
+def read_projector_weights(
+    path: str | Path, vision_width: int, llm_width: int
+) -> dict[str, torch.Tensor]:
+    """LLaVA's stage-1 projector (`mm_projector.bin` or `.safetensors`) in transformers' names.
 
-    Every key of `PROJECTOR_KEYS` must be there with the shape the LLM and tower need, and no
-    other key (a different projector layout, e.g. `mlp3x_gelu`, is refused, not half-loaded).
+    Every key of `PROJECTOR_KEYS` must be there with the shape a `vision_width` tower and an
+    `llm_width` LLM need, and no other key (a different layout, e.g. `mlp3x_gelu`, is refused,
+    not half-loaded). Cheap: the file is checked before any model weight is read.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -101,7 +104,12 @@ def load_projector_weights(path: str | Path, projector: torch.nn.Module) -> None
         state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise ProjectorWeightsError(f"{path}: not a state dict (got {type(state).__name__})")
-    target = projector.state_dict()
+    shapes = {
+        "linear_1.weight": (llm_width, vision_width),
+        "linear_1.bias": (llm_width,),
+        "linear_2.weight": (llm_width, llm_width),
+        "linear_2.bias": (llm_width,),
+    }
     layout = "LLaVA's mlp2x_gelu layout (" + ", ".join(PROJECTOR_KEYS) + ")"
     unexpected = sorted(set(state) - set(PROJECTOR_KEYS))
     if unexpected:
@@ -109,7 +117,7 @@ def load_projector_weights(path: str | Path, projector: torch.nn.Module) -> None
             f"{path}: unexpected key(s) {unexpected[:6]}; expected {layout}"
         )
     for key, name in PROJECTOR_KEYS.items():
-        want = tuple(target[name].shape)
+        want = shapes[name]
         if key not in state:
             raise ProjectorWeightsError(
                 f"{path}: missing key {key!r} (expected shape {want}); expected {layout}"
@@ -117,10 +125,10 @@ def load_projector_weights(path: str | Path, projector: torch.nn.Module) -> None
         got = tuple(state[key].shape)
         if got != want:
             raise ProjectorWeightsError(
-                f"{path}: key {key!r} has shape {got}, expected {want} (projector from the "
-                f"tower's width to the LLM's: were these weights trained for this LLM and tower?)"
+                f"{path}: key {key!r} has shape {got}, expected {want} (tower width "
+                f"{vision_width} -> LLM width {llm_width}: trained for another LLM or tower?)"
             )
-    projector.load_state_dict({name: state[key] for key, name in PROJECTOR_KEYS.items()})
+    return {name: state[key] for key, name in PROJECTOR_KEYS.items()}
 
 
 def image_processor_for(tower: CLIPVisionConfig | SiglipVisionConfig, pad_to_square: bool):
@@ -194,8 +202,9 @@ def assemble_llava(
             f"{llm}: the tokenizer has no chat template; set chat_template (one of "
             f"{sorted(CHAT_TEMPLATES)} or a Jinja template)"
         )
-    if projector is not None and not Path(projector).expanduser().is_file():
-        raise FileNotFoundError(f"no projector file {Path(projector).expanduser()}")
+    if projector is not None:
+        llm_width = AutoConfig.from_pretrained(llm_source).get_text_config().hidden_size
+        projector_weights = read_projector_weights(projector, tower_config.hidden_size, llm_width)
 
     if image_token not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [image_token]})
@@ -240,7 +249,7 @@ def assemble_llava(
     torch.manual_seed(seed)
     model.model.multi_modal_projector = LlavaMultiModalProjector(config).to(torch_dtype)
     if projector is not None:
-        load_projector_weights(projector, model.model.multi_modal_projector)
+        model.model.multi_modal_projector.load_state_dict(projector_weights)
     model.tie_weights()
     on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if on_meta:  # a part transformers lays out differently from the parts loaded above
