@@ -149,10 +149,14 @@ def test_wrong_projector_file_is_refused_with_file_key_and_shape(
 
 @pytest.fixture(scope="module")
 def llm_and_clip(tmp_path_factory):
-    """A tiny Llama with SmolLM2's tokenizer (no image token yet) and a tiny full CLIP model."""
+    """A tiny 32-layer untied Llama with SmolLM2's tokenizer (no image token yet), a tiny full
+    CLIP model and a stage-1 projector file for them."""
     root = tmp_path_factory.mktemp("clip-parts")
     tokenizer = load_smollm2_tokenizer()
-    tiny_llm(tokenizer, layers=32).save_pretrained(root / "llm")
+    llm = tiny_llm(tokenizer, layers=32)
+    llm.config.tie_word_embeddings = False  # untied, as Vicuna's
+    llm.lm_head.weight = torch.nn.Parameter(llm.lm_head.weight.detach().clone())
+    llm.save_pretrained(root / "llm")
     tokenizer.save_pretrained(root / "llm")
     torch.manual_seed(0)
     clip = CLIPConfig(
@@ -195,6 +199,10 @@ def test_clip_tower_with_llava15_options_runs(llm_and_clip):
     )
     tok = processor.tokenizer
     assert "<image>" in tok.get_vocab() and model.config.text_config.vocab_size == len(tok)
+    image_id = model.config.image_token_id
+    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+    assert not model.get_input_embeddings().weight[image_id].any()
+    assert not model.get_output_embeddings().weight[image_id].any()
     assert layer_map(model).num_layers == 32
     text = processor.apply_chat_template(MESSAGES, add_generation_prompt=True)
     assert text == "Answer briefly. USER: <image>\nWhat colour? ASSISTANT:"

@@ -218,8 +218,9 @@ def assemble_llava(
     old_vocab = causal.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > old_vocab:
         causal.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        with torch.no_grad():  # a sampled row would get real logits (tied embeddings)
+        with torch.no_grad():  # zero, not sampled: a sampled output row gets real logits
             causal.get_input_embeddings().weight[old_vocab:] = 0
+            causal.get_output_embeddings().weight[old_vocab:] = 0  # untied LLMs (Vicuna)
     tower = TOWERS[tower_config.model_type].from_pretrained(
         resolve_checkpoint(vision_tower), config=tower_config, dtype=torch_dtype
     )
