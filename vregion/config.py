@@ -61,18 +61,62 @@ class EmbeddedModelConfig(Section):
         return self
 
 
+class AssembleConfig(Section):
+    """A LLaVA assembled from parts (used when `model.base: assemble`): the paper's start, an LLM,
+    a CLIP or SigLIP tower and LLaVA's stage-1 projector."""
+
+    llm: str
+    """The language model: an HF id (in the cache; runs are offline) or a local directory of a
+    causal LM with its tokenizer, e.g. `lmsys/vicuna-7b-v1.5`."""
+    vision_tower: str
+    """A CLIP or SigLIP checkpoint (full or vision-only), HF id or directory, e.g.
+    `openai/clip-vit-large-patch14-336`. Image size and patch size come from its config."""
+    projector: str | None = None
+    """LLaVA's stage-1 projector weights (`mm_projector.bin`, or the same keys as .safetensors);
+    null: a random projector, which `align` must then train."""
+    vision_feature_layer: int = -2
+    """Tower hidden state the projector sees (LLaVA-1.5: -2, the second-to-last layer)."""
+    vision_feature_select_strategy: Literal["default", "full"] = "default"
+    """`default` drops the first token, CLIP's CLS (LLaVA-1.5); `full` keeps every token (SigLIP,
+    which has no CLS token)."""
+    pad_to_square: bool = False
+    """Pad images to a square with the mean colour before resizing (LLaVA-1.5's `pad` aspect
+    ratio); false: CLIP's resize and centre crop, or SigLIP's resize."""
+    image_token: str = "<image>"
+    """The image placeholder token; added to the tokenizer (and embeddings) if missing."""
+    chat_template: str | None = None
+    """null: the LLM tokenizer's own; `vicuna_v1`: LLaVA-1.5's conversation format (Vicuna's
+    tokenizer has no template); or a Jinja template."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the assembled base checkpoint; later stages load it as saved (float32 keeps small
+    projector updates, e.g. lr 2e-5, from rounding away)."""
+
+
 class ModelConfig(Section):
     """Which LVLM the pipeline starts from."""
 
     base: str = "embedded"
     """`embedded` (SmolLM2-135M + SigLIP, the default), `embedded-tiny` (a random 4-layer LLM with the
-    same tokenizer: a seconds-long smoke run), a Hugging Face id, or a local checkpoint directory."""
+    same tokenizer: a seconds-long smoke run), `assemble` (a LLaVA built from the parts in
+    `model.assemble`), a Hugging Face id, or a local checkpoint directory."""
     system_prompt: str = "Answer briefly."
     """System message put in every chat; short on purpose (SmolLM2's default adds ~20 tokens)."""
     seed: int = 0
     """Seed for model construction and tower pretraining."""
     embedded: EmbeddedModelConfig = EmbeddedModelConfig()
     """Settings used only when `base: embedded`."""
+    assemble: AssembleConfig | None = None
+    """The parts used when `base: assemble` (and only then: set both or neither)."""
+
+    @model_validator(mode="after")
+    def _assemble_named(self) -> ModelConfig:
+        # Both or neither: a leftover `assemble` section beside another base would be ignored.
+        if (self.base == "assemble") != (self.assemble is not None):
+            raise ValueError(
+                "model.base: assemble needs a model.assemble section (llm, vision_tower, ...), "
+                "and a model.assemble section needs model.base: assemble"
+            )
+        return self
 
 
 class SourceConfig(Section):

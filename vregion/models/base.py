@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 
 
 EMBEDDED = ("embedded", "embedded-tiny")
+ASSEMBLE = "assemble"
 
 
 def build_embedded(cfg: ModelConfig, out_dir: str | Path, max_objects: int) -> dict:
@@ -57,6 +58,36 @@ def build_embedded(cfg: ModelConfig, out_dir: str | Path, max_objects: int) -> d
     }
 
 
+def build_assembled(cfg: ModelConfig, out_dir: str | Path) -> dict:
+    """A LLaVA assembled from `cfg.assemble`'s LLM, tower and projector, saved as an HF checkpoint."""
+    from vregion.models.assemble import assemble_llava
+    from vregion.models.layer_map import layer_map
+
+    parts = cfg.assemble
+    t0 = time.perf_counter()
+    model, processor = assemble_llava(
+        parts.llm,
+        parts.vision_tower,
+        parts.projector,
+        vision_feature_layer=parts.vision_feature_layer,
+        vision_feature_select_strategy=parts.vision_feature_select_strategy,
+        pad_to_square=parts.pad_to_square,
+        image_token=parts.image_token,
+        chat_template=parts.chat_template,
+        dtype=parts.dtype,
+        seed=cfg.seed,
+    )
+    lm = layer_map(model)
+    save_checkpoint(model, processor, out_dir)
+    return {
+        "source": f"assembled: {parts.llm} + {parts.vision_tower}",
+        "projector": parts.projector or "random (align trains it)",
+        "llm_layers": lm.num_layers,
+        "image_tokens": model.config.image_seq_length,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
 def copy_pretrained(name_or_path: str, out_dir: str | Path) -> dict:
     """Load an LVLM by HF id or directory and save it as the pipeline's base checkpoint.
 
@@ -64,13 +95,28 @@ def copy_pretrained(name_or_path: str, out_dir: str | Path) -> dict:
     alone, before any weight is read: not stages later.
     """
     from vregion.models.layer_map import layer_map
-    from vregion.models.loading import empty_lvlm, load_lvlm
+    from vregion.models.loading import (
+        copy_processor_files,
+        empty_lvlm,
+        load_lvlm,
+        load_processor,
+    )
 
     t0 = time.perf_counter()
     layer_map(empty_lvlm(name_or_path))  # raises UnsupportedArchitectureError with the reason
-    model, processor = load_lvlm(name_or_path)
+    model, _ = load_lvlm(name_or_path, with_processor=False)
+    try:
+        processor = load_processor(name_or_path)
+    except ImportError as err:  # e.g. Qwen-VL's video processor without torchvision
+        processor, missing = None, err
     save_checkpoint(model, processor, out_dir)
-    return {"source": name_or_path, "seconds": round(time.perf_counter() - t0, 1)}
+    metrics = {"source": name_or_path, "seconds": round(time.perf_counter() - t0, 1)}
+    if processor is None:
+        metrics["processor_files_copied"] = copy_processor_files(name_or_path, out_dir)
+        if not metrics["processor_files_copied"]:
+            raise missing
+        log.warning("processor not built here (%s); its files were copied as they are", missing)
+    return metrics
 
 
 def save_checkpoint(model, processor, out_dir: str | Path) -> None:

@@ -8,6 +8,7 @@ transformers' generic "couldn't connect to huggingface.co".
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -64,6 +65,44 @@ def resolve_checkpoint(name_or_path: str | Path) -> str:
                 f"(`hf download {name}`) and copy the cache or the snapshot directory here."
             )
     return name
+
+
+PROCESSOR_FILES = (
+    "processor_config.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
+"""Files a processor is saved as (tokenizer, image/video preprocessing, chat template)."""
+
+
+def copy_processor_files(name_or_path: str | Path, out_dir: str | Path) -> list[str]:
+    """Copy the checkpoint's processor files as they are, without building the processor.
+
+    For processors that cannot be built here (Qwen-VL's video processor needs torchvision, which
+    a CPU-only machine lacks): the copy is still the checkpoint's own processor.
+    """
+    source = resolve_checkpoint(name_or_path)
+    out_dir = Path(out_dir)
+    copied = []
+    for name in PROCESSOR_FILES:
+        if Path(source).is_dir():
+            path = Path(source) / name
+            found = str(path) if path.is_file() else None
+        else:
+            found = try_to_load_from_cache(source, name)
+        if isinstance(found, str):
+            shutil.copyfile(found, out_dir / name)
+            copied.append(name)
+    return copied
 
 
 def _dtype(dtype: str | torch.dtype | None) -> str | torch.dtype | None:
