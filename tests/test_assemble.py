@@ -25,7 +25,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from vregion.config import AlignConfig, ModelConfig, Params, load_params
+from vregion.config import ModelConfig, Params, load_params
 from vregion.data.encode import IGNORE_INDEX, encode_sample
 from vregion.data.records import Sample
 from vregion.models.assemble import (
@@ -253,8 +253,6 @@ def prefect_harness():
 def config_twin(name: str, tmp_path: Path, swap) -> Params:
     """configs/<name> validated, then written to tmp_path/params.yaml with `swap` applied."""
     raw = yaml.safe_load((ROOT / "configs" / name).read_text())
-    if "skip" not in AlignConfig.model_fields:  # align.skip comes with a sibling change
-        raw["align"].pop("skip")
     (tmp_path / "real.yaml").write_text(yaml.safe_dump(raw))
     load_params(tmp_path / "real.yaml")
     swap(raw)
