@@ -1,4 +1,4 @@
-"""Processors without torchvision.
+"""Processors without torchvision, and the dtype a checkpoint loads in.
 
 Each processor test writes a tiny checkpoint directory the way real ones ship (SmolLM2's tokenizer
 with the family's special tokens, the family's image processor, a default model config, the video
@@ -16,9 +16,12 @@ from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 from transformers.utils import is_torchvision_available
 
+from vregion.config import ModelConfig
 from vregion.models import loading
 from vregion.models.embedded import load_smollm2_tokenizer
-from vregion.models.loading import image_only_class, load_processor
+from vregion.models.loading import image_only_class, load_lvlm, load_processor
+from vregion.models.tiny import tiny_lvlm
+from vregion.train.finetune import FinetuneJob, build_trainable
 
 QWEN_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 QWEN_PROMPT = "Describe <|vision_start|><|image_pad|><|vision_end|> briefly."
@@ -185,3 +188,27 @@ def test_other_video_processors_load_image_only(arch, tokenizer_dir, tmp_path, c
     count = int((batch["input_ids"] == processor.image_token_id).sum())
     # InternVL's count includes its <img> and </img> around the image tokens.
     assert count == expected[0] - (2 if arch == "internvl" else 0)
+
+
+def test_checkpoint_dtype_is_kept_unless_model_dtype_says_otherwise(tmp_path, monkeypatch):
+    tiny_lvlm("llava").to(torch.bfloat16).save_pretrained(tmp_path)
+    for dtype, expected in [
+        (None, torch.bfloat16),
+        ("auto", torch.bfloat16),  # `model.dtype: auto`: not upcast on load
+        ("float32", torch.float32),
+    ]:
+        model, _ = load_lvlm(tmp_path, dtype=dtype, with_processor=False)
+        assert {p.dtype for p in model.parameters()} == {expected}, dtype
+    assert ModelConfig().dtype == "auto"
+    with pytest.raises(ValueError, match="dtype"):
+        ModelConfig(dtype="fp32")
+
+    # finetune's workers load the aligned model in the job's dtype (the checkpoint has no
+    # processor here: load the model only).
+    monkeypatch.setattr(
+        loading, "load_lvlm", lambda path, dtype: load_lvlm(path, dtype, with_processor=False)
+    )
+    job = dict(aligned=str(tmp_path), data=[], data_dir=str(tmp_path), layers=[1])
+    for dtype, expected in [("auto", torch.bfloat16), ("float32", torch.float32)]:
+        model, _ = build_trainable(FinetuneJob(**job, dtype=dtype), torch.device("cpu"))
+        assert {p.dtype for p in model.parameters() if not p.requires_grad} == {expected}
