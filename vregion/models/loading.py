@@ -85,9 +85,9 @@ def load_processor(name_or_path: str | Path) -> ProcessorMixin:
     """The checkpoint's processor (tokenizer + image processor).
 
     Without torchvision (a CPU-only machine) transformers refuses the processors that carry a
-    video processor (Qwen-VL, GLM-4V, InternVL, SmolVLM, ...) or import torchvision (Pixtral):
-    then the same processor class is built without its video part (`image_only_class`),
-    which gives the same outputs for images and text.
+    video processor (Qwen-VL, GLM-4V, InternVL, LLaVA-OneVision, ...) or import torchvision
+    (Pixtral): then the same processor class is built without its video part
+    (`image_only_class`), which gives the same outputs for images and text.
     """
     source = resolve_checkpoint(name_or_path)
     try:
@@ -145,7 +145,6 @@ class _WithoutVideo(ProcessorMixin):
         # Save the checkpoint's video processor config back, so a machine with torchvision still
         # loads the full processor from what this one saves.
         output = super().to_dict()
-        output.pop("video_processor_config", None)
         if getattr(self, "video_processor_config", None) is not None:
             output["video_processor"] = self.video_processor_config
         return output
