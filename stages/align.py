@@ -56,7 +56,7 @@ def align(params: str = "params.yaml") -> dict:
     torch.manual_seed(p.model.seed)
     device = pick_device()
     precision = resolve_precision(p.align.precision, device)
-    model, processor = load_lvlm(BASE)
+    model, processor = load_lvlm(BASE, dtype=p.model.dtype)
     model.to(device)
     seed = p.model.seed
     train = RecordDataset(resolve_mix(p.align.data, seed, DATA), processor, p.model.system_prompt)

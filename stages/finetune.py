@@ -72,6 +72,7 @@ def build_job(p: Params, layers: list[int]) -> FinetuneJob:
         warmup_ratio=f.warmup_ratio,
         gradient_checkpointing=f.gradient_checkpointing,
         precision=f.precision,
+        dtype=p.model.dtype,
         system_prompt=p.model.system_prompt,
         seed=p.model.seed,
         checkpoint_every=f.checkpoint_every,

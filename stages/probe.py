@@ -60,7 +60,7 @@ def probe(params: str = "params.yaml") -> dict:
     p = load_params(params)
     torch.manual_seed(p.model.seed)
     device = pick_device()
-    model, processor = load_lvlm(ALIGNED)
+    model, processor = load_lvlm(ALIGNED, dtype=p.model.dtype)
     model.to(device)
     subset = sample_parts(
         resolve_mix(p.probe.data, p.model.seed, DATA), p.probe.samples, p.model.seed

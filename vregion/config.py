@@ -103,6 +103,9 @@ class ModelConfig(Section):
     """System message put in every chat; short on purpose (SmolLM2's default adds ~20 tokens)."""
     seed: int = 0
     """Seed for model construction and tower pretraining."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype of the master weights while training (align, probe tuning, finetune); auto: the
+    checkpoint's (a bfloat16 7B model stays bfloat16). Autocast is each stage's `precision`."""
     embedded: EmbeddedModelConfig = EmbeddedModelConfig()
     """Settings used only when `base: embedded`."""
     assemble: AssembleConfig | None = None

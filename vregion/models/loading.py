@@ -7,11 +7,14 @@ transformers' generic "couldn't connect to huggingface.co".
 
 from __future__ import annotations
 
+import importlib
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 import torch
+import transformers
 from huggingface_hub import is_offline_mode, try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError
 from transformers import (
@@ -21,6 +24,9 @@ from transformers import (
     PreTrainedModel,
     ProcessorMixin,
 )
+from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+from transformers.utils import is_torchvision_available
+from transformers.video_processing_utils import BaseVideoProcessor
 
 log = logging.getLogger(__name__)
 
@@ -115,15 +121,134 @@ def _dtype(dtype: str | torch.dtype | None) -> str | torch.dtype | None:
 
 
 def load_processor(name_or_path: str | Path) -> ProcessorMixin:
-    """The checkpoint's processor (tokenizer + image processor)."""
+    """The checkpoint's processor (tokenizer + image processor).
+
+    Without torchvision (a CPU-only machine) transformers refuses the processors that carry a
+    video processor (Qwen-VL, GLM-4V, InternVL, LLaVA-OneVision, ...) or import torchvision
+    (Pixtral): then the same processor class is built without its video part
+    (`image_only_class`), which gives the same outputs for images and text.
+    """
     source = resolve_checkpoint(name_or_path)
     try:
-        return AutoProcessor.from_pretrained(source)
+        try:
+            return AutoProcessor.from_pretrained(source)
+        except (ImportError, OSError, ValueError, TypeError, AttributeError):
+            cls = None if is_torchvision_available() else _torchvision_free_class(source)
+            if cls is None:
+                raise
+            processor = cls.from_pretrained(source)
+            log.warning(
+                "torchvision is unavailable: loaded %s from %s in an image-only form (no videos)",
+                cls.__name__,
+                source,
+            )
+            return processor
     except OSError as e:
         raise CheckpointNotFoundError(
             f"{source} has no processor (tokenizer and image processor files, e.g. "
             f"preprocessor_config.json): save one with `processor.save_pretrained(dir)` ({e})"
         ) from e
+
+
+class _WithoutVideo(ProcessorMixin):
+    """Sits between a processor class and ProcessorMixin and drops its video processor.
+
+    The processor's own `__init__` still passes every sub-processor positionally, the video slot
+    (None) included; this names them by the full class's order and forwards all but the video one.
+    """
+
+    _full_attributes: tuple[str, ...] = ()
+
+    def __init__(self, *args, **kwargs):
+        named = dict(zip(self._full_attributes, args, strict=False))
+        named.pop("video_processor", None)
+        kwargs.pop("video_processor", None)
+        super().__init__(**named, **kwargs)
+
+    @classmethod
+    def get_attributes(cls):
+        # Drives loading, saving and type checks: the video processor is none of them here.
+        return [a for a in cls._full_attributes if a != "video_processor"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        processor = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        try:
+            config, _ = BaseVideoProcessor.get_video_processor_dict(pretrained_model_name_or_path)
+        except OSError:  # the checkpoint has none
+            config = None
+        processor.video_processor_config = config
+        return processor
+
+    def to_dict(self):
+        # Save the checkpoint's video processor config back, so a machine with torchvision still
+        # loads the full processor from what this one saves.
+        output = super().to_dict()
+        if getattr(self, "video_processor_config", None) is not None:
+            output["video_processor"] = self.video_processor_config
+        return output
+
+    @classmethod
+    def from_args_and_dict(cls, args, processor_dict, **kwargs):
+        # Pass the sub-processors by name: the full class's positional order has a video slot
+        # (first in LLaVA-NeXT-Video), so positions no longer match. Some (SmolVLM) require it.
+        named = dict(zip(cls.get_attributes(), args, strict=True), video_processor=None)
+        return super().from_args_and_dict([], processor_dict, **named, **kwargs)
+
+
+def image_only_class(base: type[ProcessorMixin]) -> type[ProcessorMixin]:
+    """`base` without its video processor (`base` itself if it has none): built, loaded and saved
+    without torchvision; images and text go through `base`'s own code, so `input_ids`,
+    `pixel_values` and `image_grid_thw` are the full processor's."""
+    attributes = tuple(base.get_attributes())
+    if "video_processor" not in attributes:
+        return base
+    # Same name as `base`: a processor saved from it names the full class, so GPU machines load
+    # the usual processor from the same files.
+    return type(
+        base.__name__,
+        (base, _WithoutVideo),
+        {"__module__": __name__, "_full_attributes": attributes, "__doc__": base.__doc__},
+    )
+
+
+def _pixtral_processor() -> type[ProcessorMixin]:
+    # transformers marks PixtralProcessor as needing torchvision only because its module imports
+    # one helper from the torchvision image processor; the Pillow module defines the same helper.
+    name = "transformers.models.pixtral.image_processing_pixtral"
+    saved = sys.modules.get(name)
+    sys.modules[name] = importlib.import_module(
+        "transformers.models.pixtral.image_processing_pil_pixtral"
+    )
+    try:
+        module = importlib.import_module("transformers.models.pixtral.processing_pixtral")
+    finally:
+        if saved is None:
+            del sys.modules[name]
+        else:
+            sys.modules[name] = saved
+    return module.PixtralProcessor
+
+
+def _processor_class_name(source: str) -> str:
+    processor_dict, _ = ProcessorMixin.get_processor_dict(source)
+    if name := processor_dict.get("processor_class"):
+        return name
+    model_type = AutoConfig.from_pretrained(source).model_type
+    if name := PROCESSOR_MAPPING_NAMES.get(model_type):
+        return name
+    raise ValueError(f"{source}: no processor class is known for model type {model_type!r}")
+
+
+def _torchvision_free_class(source: str) -> type[ProcessorMixin] | None:
+    """The checkpoint's processor class made to work without torchvision; None if it already
+    does (then torchvision is not why it failed)."""
+    name = _processor_class_name(source)
+    if name == "PixtralProcessor":
+        return _pixtral_processor()
+    base = getattr(transformers, name)
+    cls = image_only_class(base)
+    return None if cls is base else cls
 
 
 def load_lvlm(

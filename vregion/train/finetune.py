@@ -53,6 +53,8 @@ class FinetuneJob:
     warmup_ratio: float = 0.03
     gradient_checkpointing: bool = False
     precision: str = "auto"
+    dtype: str = "auto"
+    """Master weights' dtype (`model.dtype`); auto: the aligned checkpoint's."""
     system_prompt: str = "Answer briefly."
     seed: int = 0
     checkpoint_every: int = 25
@@ -73,7 +75,7 @@ def build_trainable(job: FinetuneJob, device: torch.device):
     """The aligned model with only the region trainable (a PeftModel in LoRA mode)."""
     from vregion.models.loading import load_lvlm
 
-    model, processor = load_lvlm(job.aligned)
+    model, processor = load_lvlm(job.aligned, dtype=job.dtype)
     if job.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
