@@ -11,8 +11,11 @@ process (so peak memory is its own), sizes alternating for `--rounds` rounds, me
   ingest   validate the records (headers of every image, in parallel) and index their token
            lengths, as the `ingest@<name>` stage does: records/s, peak RSS
   loader   the training DataLoader alone (default workers): samples/s, peak RSS
-  train    the finetune worker's loop (uniform 25% region, LoRA r16, the same DataLoader):
-           model samples/s, peak RSS of the process and of its loader workers
+  train    the finetune worker's loop (uniform 25% region, LoRA r16, the same DataLoader over
+           the whole set's index): model samples/s and peak RSS. Both sizes train on the same
+           batches (drawn from the small set's records), so a difference in peak memory can
+           only come from the data set's size, not from one size happening to draw longer
+           sequences in its few timed steps
 
 Also the padding share of the large set's batches with and without length grouping. Prints the
 large/small ratios and the loader/model speed ratio; writes JSON
@@ -120,8 +123,8 @@ def run_one(args: argparse.Namespace) -> dict:
     part = Part("bench", str(records), str(work / "images"), np.arange(args.size))
     data = RecordDataset([part], processor, SYSTEM)
     device = torch.device("cpu")
-    loader = training_loader(data, args.batch_size, device=device, seed=0)
     if args.one == "loader":
+        loader = training_loader(data, args.batch_size, device=device, seed=0)
         batches = iter(loader)
         next(batches)  # the workers' start
         seconds = []
@@ -129,17 +132,31 @@ def run_one(args: argparse.Namespace) -> dict:
             t0 = time.perf_counter()
             next(batches)
             seconds.append(time.perf_counter() - t0)
-        del batches
+        del batches, loader
         return {
             "samples_per_second": round(args.batch_size / statistics.median(seconds), 2),
             "peak_rss_mib": peak_rss_mib(),
         }
+    from functools import partial
+
+    from vregion.data.dataset import ShardedBatchSampler, loader_workers
+    from vregion.data.encode import pad_batch, pad_id_of
     from vregion.models.layer_map import layer_map
     from vregion.models.loading import load_lvlm
     from vregion.region.select import select_layers
     from vregion.train.loop import train_steps
     from vregion.train.selective import LoraSettings, make_region_trainable, trainable_groups
 
+    # The same batches at both sizes: the sampler draws from the first `small` records only.
+    sampler = ShardedBatchSampler(
+        data.lengths[: args.small], data.has_image[: args.small], args.batch_size
+    )
+    loader = torch.utils.data.DataLoader(
+        data,
+        batch_sampler=sampler,
+        num_workers=loader_workers("auto", device),
+        collate_fn=partial(pad_batch, pad_id=pad_id_of(processor)),
+    )
     model, _ = load_lvlm(args.model)
     layers = select_layers(layer_map(model).num_layers, "uniform", 0.25)
     model = make_region_trainable(model, layers, mode="lora", lora=LoraSettings(16, 32, 0.05))
@@ -198,6 +215,7 @@ def main() -> int:
     p.add_argument("--out", default="benchmarks/results/data_scale.json")
     p.add_argument("--one", choices=KINDS, help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--small", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         print("RESULT " + json.dumps(run_one(args)), flush=True)
@@ -218,6 +236,7 @@ def main() -> int:
         for kind in KINDS:  # ingest first: the others read what it writes
             for size in (small, large) if r % 2 == 0 else (large, small):
                 cmd = [sys.executable, __file__, "--one", kind, "--size", str(size)]
+                cmd += ["--small", str(small)]
                 cmd += [a for a in sys.argv[1:]]
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -263,7 +282,7 @@ def main() -> int:
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "commit": commit.stdout.strip() or None,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "settings": {k: v for k, v in vars(args).items() if k not in ("one", "size")},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("one", "size", "small")},
         "sizes": {str(k): v for k, v in summary.items()},
         "ratios": ratios,
         "runs": {k: {str(n): v for n, v in d.items()} for k, d in results.items()},
