@@ -247,7 +247,7 @@ def main() -> int:
                 print(f"round {r + 1} {kind:6s} {size:>6}: {line[-1][7:]}", flush=True)
 
     def med(kind: str, size: int, key: str) -> float:
-        return statistics.median(x[key] for x in results[kind][size])
+        return round(statistics.median(x[key] for x in results[kind][size]), 3)
 
     summary = {}
     for size in (small, large):
@@ -274,7 +274,7 @@ def main() -> int:
     }
     print(f"\n{'':32s}{small:>12}{large:>12}")
     for key in s:
-        print(f"{key:32s}{s[key]:>12}{g[key]:>12}")
+        print(f"{key:32s}{s[key]:>12.4g}{g[key]:>12.4g}")
     for key, value in ratios.items():
         print(f"{key}: {value}")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
