@@ -365,3 +365,47 @@ def test_pad_to_square_pads_with_the_mean_colour(tower):
     assert pixels[:, 12:20].min() > 0.9  # white
     plain = image_processor_for(config, pad_to_square=False)
     assert plain(images=[wide], return_tensors="pt")["pixel_values"][0, :, :6].min() > 0.9
+
+
+def test_dvc_repro_assembled_from_parts_with_align_skipped_keeps_the_base(embedded_parts, tmp_path):
+    """The paper's start under real DVC: `model.base: assemble` from the saved parts and
+    `align.skip`: the aligned model is the base, file for file, and nothing was trained."""
+    from pipeline_repo import DVC, make_pipeline_repo, merge, pipeline_env, run
+    from safetensors.torch import load_file
+
+    original, _, root = embedded_parts
+    (tmp_path / "repo").mkdir()
+    repo = make_pipeline_repo(tmp_path / "repo")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assemble = {
+        "llm": str(root / "llm"),
+        "vision_tower": str(root / "tower"),
+        "projector": str(root / "mm_projector.bin"),
+        "vision_feature_layer": original.config.vision_feature_layer,
+        "vision_feature_select_strategy": "full",
+    }
+    params = merge(
+        params, {"model": {"base": "assemble", "assemble": assemble}, "align": {"skip": True}}
+    )
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run([*DVC, "repro", "align"], repo, pipeline_env(repo), timeout=900)
+    assert "Running stage 'base'" in out and "Running stage 'align'" in out
+    base, aligned = repo / "models/base", repo / "models/aligned"
+    weights = sorted(p.name for p in base.glob("*.safetensors"))
+    assert weights and weights == sorted(p.name for p in aligned.glob("*.safetensors"))
+    for name in weights:
+        a, b = load_file(base / name), load_file(aligned / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        # one object in DVC's cache serves both outputs: no second copy of the weights there
+        size = (base / name).stat().st_size
+        cached = [
+            f for f in (repo / ".dvc/cache").rglob("*") if f.is_file() and f.stat().st_size == size
+        ]
+        assert len(cached) == 1, cached
+    import json
+
+    assert json.loads((repo / "metrics/align.json").read_text())["skipped"] is True
+    model = AutoModelForImageTextToText.from_pretrained(aligned)
+    projector = original.model.multi_modal_projector.state_dict()
+    for name, tensor in model.model.multi_modal_projector.state_dict().items():
+        assert torch.equal(tensor, projector[name])  # the stage-1 projector, as published
