@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,6 +214,9 @@ def test_families_table_lists_every_family(capsys):
     assert main(["layers", "--families"]) == 0
     assert capsys.readouterr().out.strip() == table
     assert main(["layers"]) == 1
+    # The README's table is this table: regenerate it with `vregion layers --families`.
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert table in readme
 
 
 def test_a_family_missing_from_transformers_is_named(monkeypatch):
