@@ -119,3 +119,17 @@ def test_remote_with_wrong_credentials_fails_clearly_and_writes_nothing(
     assert s3_env.endpoint_url in err and "not-the-secret" not in err
     assert (repo / ".dvc" / "config").read_text() == before
     assert not (repo / ".dvc" / "config.local").exists()
+
+
+def test_params_lists_documented_fields_and_checks_a_file(tmp_path, capsys):
+    from vregion.cli import main
+
+    assert main(["params", "finetune"]) == 0
+    out = capsys.readouterr().out
+    assert "finetune.data: list[DataMix] = ['synthetic/train/vqa']" in out
+    assert "finetune.loader.group_by_length: bool = True" in out
+    assert "Literal['lora', 'full']" in out and "\ndata.sources" not in out  # one section
+    bad = tmp_path / "params.yaml"
+    bad.write_text("finetune:\n  data: [nope]\n")
+    assert main(["params", "--check", str(bad)]) == 1
+    assert "unknown source 'nope'" in capsys.readouterr().err

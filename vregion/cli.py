@@ -125,9 +125,64 @@ def run_remote(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- vregion params ----------------------------------------------------------------------------
+
+
+def add_params(subparsers) -> None:
+    p = subparsers.add_parser(
+        "params",
+        help="list every params.yaml field: its type, default and what it does",
+        description="Print every field of params.yaml (vregion/config.py), one section per "
+        "stage, with its type, default and documentation; with --check, validate a params file "
+        "the way every stage does.",
+    )
+    p.add_argument("section", nargs="?", help="only this section (e.g. finetune, data)")
+    p.add_argument("--check", metavar="FILE", help="validate FILE (e.g. params.yaml) and exit")
+    p.set_defaults(run=run_params)
+
+
+def run_params(args: argparse.Namespace) -> int:
+    from vregion.config import Params, load_params
+
+    if args.check:
+        load_params(args.check)
+        print(f"{args.check}: valid")
+        return 0
+    fields = field_docs(Params)
+    if args.section:
+        fields = [f for f in fields if f[0] == args.section or f[0].startswith(args.section + ".")]
+        if not fields:
+            raise ValueError(f"no params section {args.section!r}")
+    for name, kind, default, doc in fields:
+        print(f"{name}: {kind} = {default!r}")
+        for line in (doc or "").split("\n"):
+            print(f"    {line.strip()}")
+    return 0
+
+
+def field_docs(model, prefix: str = "") -> list[tuple[str, str, object, str | None]]:
+    """(dotted name, type, default, docstring) of every leaf field of a config model."""
+    from pydantic import BaseModel
+
+    out = []
+    for name, info in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        kind = info.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            out += field_docs(kind, dotted + ".")
+            continue
+        default = info.get_default(call_default_factory=True)
+        if isinstance(default, list):
+            default = [d.model_dump() if hasattr(d, "model_dump") else d for d in default]
+        label = kind.__name__ if isinstance(kind, type) else str(kind)
+        label = label.replace("typing.", "").replace("vregion.config.", "")
+        out.append((dotted, label, default, info.description))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 
-SUBCOMMANDS: list[Callable] = [add_layers, add_remote]
+SUBCOMMANDS: list[Callable] = [add_layers, add_remote, add_params]
 
 
 def build_parser() -> argparse.ArgumentParser:

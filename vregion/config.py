@@ -1,6 +1,6 @@
 """Typed configuration, one section per pipeline stage (params.yaml has the same sections).
 
-Every field has a docstring; `vregion params --help-fields` prints them. Unknown keys and wrong
+Every field has a docstring; `vregion params [SECTION]` prints them. Unknown keys and wrong
 types are refused with the section and field named, so a typo never silently becomes a default.
 """
 
