@@ -10,7 +10,8 @@ process (so peak memory is its own), sizes alternating for `--rounds` rounds, me
 
   ingest   validate the records (headers of every image, in parallel) and index their token
            lengths, as the `ingest@<name>` stage does: records/s, peak RSS
-  loader   the training DataLoader alone (default workers): samples/s, peak RSS
+  loader   the training DataLoader alone (default workers, length grouping on): samples/s,
+           peak RSS
   train    the finetune worker's loop (uniform 25% region, LoRA r16, the same DataLoader over
            the whole set's index): model samples/s and peak RSS. Both sizes train on the same
            batches (drawn from the small set's records), so a difference in peak memory can
@@ -124,7 +125,7 @@ def run_one(args: argparse.Namespace) -> dict:
     data = RecordDataset([part], processor, SYSTEM)
     device = torch.device("cpu")
     if args.one == "loader":
-        loader = training_loader(data, args.batch_size, device=device, seed=0)
+        loader = training_loader(data, args.batch_size, device=device, seed=0, group_by_length=True)
         batches = iter(loader)
         next(batches)  # the workers' start
         seconds = []

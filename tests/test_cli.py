@@ -127,7 +127,7 @@ def test_params_lists_documented_fields_and_checks_a_file(tmp_path, capsys):
     assert main(["params", "finetune"]) == 0
     out = capsys.readouterr().out
     assert "finetune.data: list[DataMix] = ['synthetic/train/vqa']" in out
-    assert "finetune.loader.group_by_length: bool = True" in out
+    assert "finetune.loader.group_by_length: bool = False" in out
     assert "Literal['lora', 'full']" in out and "\ndata.sources" not in out  # one section
     bad = tmp_path / "params.yaml"
     bad.write_text("finetune:\n  data: [nope]\n")

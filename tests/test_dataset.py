@@ -60,10 +60,11 @@ def test_length_grouping_cuts_padding_and_keeps_modalities_apart():
 
 
 @pytest.mark.parametrize("world", [1, 2])
-def test_a_resumed_sampler_continues_exactly_across_epochs(world):
+@pytest.mark.parametrize("group", [False, True])
+def test_a_resumed_sampler_continues_exactly_across_epochs(world, group):
     lengths, has_image = _lengths(37)
     for rank in range(world):
-        kw = dict(rank=rank, world=world, seed=5)
+        kw = dict(rank=rank, world=world, seed=5, group_by_length=group)
         full = list(itertools.islice(ShardedBatchSampler(lengths, has_image, 4, **kw), 25))
         for start in (0, 3, 4, 9, 13):  # an epoch here is 37 // 4 // world batches per rank
             resumed = ShardedBatchSampler(lengths, has_image, 4, start=start, **kw)

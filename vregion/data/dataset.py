@@ -190,7 +190,7 @@ def batch_plan(
     world: int = 1,
     seed: int = 0,
     epoch: int = 0,
-    group_by_length: bool = True,
+    group_by_length: bool = False,
     megabatch: int = 32,
 ) -> list[np.ndarray]:
     """One epoch's batches in order; batch j belongs to rank j % world. Whole global steps only.
@@ -249,7 +249,7 @@ class ShardedBatchSampler(torch.utils.data.Sampler):
         rank: int = 0,
         world: int = 1,
         seed: int = 0,
-        group_by_length: bool = True,
+        group_by_length: bool = False,
         start: int = 0,
     ):
         self.lengths, self.has_image = np.asarray(lengths), np.asarray(has_image)
@@ -306,7 +306,7 @@ def training_loader(
     start_batch: int = 0,
     workers: int | str = "auto",
     prefetch_factor: int = 2,
-    group_by_length: bool = True,
+    group_by_length: bool = False,
 ) -> torch.utils.data.DataLoader:
     """An endless DataLoader of this rank's padded batches, resuming at `start_batch`."""
     from vregion.data.encode import pad_batch, pad_id_of

@@ -63,7 +63,7 @@ class FinetuneJob:
     """How several workers share the model: `ddp` (a full copy each) or `fsdp` (sharded)."""
     loader_workers: int | str = "auto"
     prefetch_factor: int = 2
-    group_by_length: bool = True
+    group_by_length: bool = False
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
