@@ -22,6 +22,18 @@ import pytest  # noqa: E402
 pytest_plugins = ["s3_fixtures"]  # real SeaweedFS on free loopback ports (tests/s3_fixtures.py)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny ops on 2 busy cores: OpenMP threads spinning against each other make a 10 ms forward
+    take seconds, so tests of tiny models run single-threaded (`pytestmark` in their module)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_processor():
     """The embedded model's real processor (SmolLM2 tokenizer + image token + SigLIP pixels)."""

@@ -46,12 +46,7 @@ MESSAGES = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops on busy cores: threads only add overhead
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def save_projector(projector: torch.nn.Module, path, rename=None) -> None:

@@ -6,18 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from vregion.cli import main
 from vregion.models.tiny import tiny_lvlm
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # see tests/test_layer_map.py: tiny ops on busy cores
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_help_says_what_vregion_does(capsys):

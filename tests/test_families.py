@@ -34,12 +34,7 @@ REGION = [1]  # 1 of 4 layers: the paper's ~25%
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # see tests/test_layer_map.py: tiny ops on busy cores
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(model_type: str, **kwargs) -> torch.nn.Module:

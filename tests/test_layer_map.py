@@ -160,14 +160,7 @@ MAPPED_ARCHS = [a for a in TINY_ARCHS if not getattr(ARCHITECTURES.get(a), "refu
 """Tiny models `layer_map` maps (refused families are tested in tests/test_families.py)."""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny ops on 2 busy cores: OpenMP threads spinning against each other make a 10 ms
-    # forward take seconds, so these tests run single-threaded.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=MAPPED_ARCHS)

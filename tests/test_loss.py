@@ -26,12 +26,7 @@ SUPPORTED = [t for t, spec in ARCHITECTURES.items() if spec.refused is None]
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batch_of(model) -> tuple[dict, torch.Tensor]:

@@ -27,13 +27,7 @@ ARCHS = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 PAD = 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # 2 busy cores: OpenMP threads fighting each other turn millisecond forwards into seconds.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
