@@ -98,8 +98,11 @@ class Part:
     rows: np.ndarray
 
 
-def source_files(source: str, data_dir: str | Path = "data") -> tuple[Path, Path]:
-    """(validated records file, image root) of a source name, as `prepare`/`ingest` wrote them."""
+def source_files(source: str, data_dir: str | Path = "data") -> tuple[Path, Path | str]:
+    """(validated records file, image root) of a source name, as `prepare`/`ingest` wrote them.
+
+    The image root is an `s3://` URL (a str) for images in S3: the records are local, the
+    images are read from the store when a batch needs them."""
     data_dir = Path(data_dir)
     if source in SYNTHETIC:
         rel, root = SYNTHETIC[source]
@@ -112,6 +115,8 @@ def source_files(source: str, data_dir: str | Path = "data") -> tuple[Path, Path
             f"data.sources in params.yaml?)"
         )
     root = json.loads(meta.read_text()).get("image_root")
+    if root and root.startswith("s3://"):
+        return folder / "records.jsonl", root
     return folder / "records.jsonl", Path(root) if root else folder
 
 
@@ -398,7 +403,7 @@ def index_records(records: str | Path, image_root: str | Path, processor, system
     for s in read_jsonl(records):
         n = text_tokens(processor, s, system_prompt)
         if s.image is not None:
-            w, h, _ = image_header(resolve_image(Path(image_root), s.image))
+            w, h, _ = image_header(resolve_image(image_root, s.image))
             n += image_tokens((w, h))
         lengths.append(n)
         has_image.append(s.image is not None)

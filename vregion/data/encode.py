@@ -52,7 +52,7 @@ def load_image(image_root: str | Path, sample: Sample) -> Image.Image | None:
 
     if sample.image is None:
         return None
-    return open_rgb(resolve_image(Path(image_root), sample.image))
+    return open_rgb(resolve_image(image_root, sample.image))  # a local path or s3:// URL
 
 
 def _ids(processor, text: str, image: Image.Image | None) -> list[int]:

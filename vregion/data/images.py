@@ -14,6 +14,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from vregion.data import remote
+from vregion.data.remote import S3Object, is_s3
+
 WHITE = (255, 255, 255, 255)
 """Background for transparent pixels: plain `.convert("RGB")` would expose whatever colour the
 transparent pixels happen to hold (often black), which changes what the model sees."""
@@ -31,14 +34,18 @@ class OutsideRootError(ValueError):
     """An image path from a record that leads outside the image root."""
 
 
-def resolve_image(root: str | Path, rel: str) -> Path:
+def resolve_image(root: str | Path, rel: str) -> Path | S3Object:
     """The real path of image `rel` under `root`, symlinks followed.
 
     Raises OutsideRootError for an absolute `rel`, or one that (through `..` or symlinks)
     leads outside `realpath(root)`. Only path metadata is read, never the file itself.
+    An `s3://bucket/prefix` root gives the `S3Object` of key `prefix/rel` (normalized; a key
+    outside the prefix is outside the image root); nothing is requested from the store.
     """
     if "\x00" in rel:
         raise ValueError(f"image path {rel!r} contains a NUL byte")
+    if is_s3(root):
+        return (root if isinstance(root, S3Object) else S3Object.parse(str(root))).child(rel)
     if os.path.isabs(rel) or rel.startswith("\\"):
         raise OutsideRootError(
             f"image path {rel!r} is absolute, so outside the image root {root}: "
@@ -53,13 +60,13 @@ def resolve_image(root: str | Path, rel: str) -> Path:
     return Path(target)
 
 
-def image_header(path: str | Path) -> tuple[int, int, str]:
+def image_header(path: str | Path | S3Object) -> tuple[int, int, str]:
     """(width, height, Pillow mode) from the file's header, without decoding pixels.
 
     Catches missing, non-image and truncated-header files (Pillow raises); truncated pixel
-    data only shows when decoding (`open_rgb`).
+    data only shows when decoding (`open_rgb`). An S3 object: a ranged GET of its first bytes.
     """
-    with Image.open(path) as image:
+    with open_image(path, header_only=True) as image:
         return image.width, image.height, image.mode
 
 
@@ -70,9 +77,17 @@ def open_rgb(path: str | Path) -> Image.Image:
     on white. EXIF orientation is not applied, as in LLaVA's own loaders, so sizes match
     `image_header`.
     """
-    with Image.open(path) as image:
+    with open_image(path) as image:
         image.load()
         return to_rgb(image)  # always a new image: convert() copies even RGB
+
+
+def open_image(path: str | Path | S3Object, *, header_only: bool = False) -> Image.Image:
+    """A lazily decoded Pillow image of a local file or an S3 object (use it as a context)."""
+    if is_s3(path):
+        obj = path if isinstance(path, S3Object) else S3Object.parse(str(path))
+        return remote.open_image(obj, header_only=header_only)
+    return Image.open(path)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

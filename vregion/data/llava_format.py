@@ -40,9 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from PIL import Image
-
-from vregion.data import images
+from vregion.data import images, remote
 from vregion.data.records import IMAGE_PLACEHOLDER, Quarantine, Sample
 
 ROLES = ("human", "gpt")
@@ -111,14 +109,19 @@ def validate_llava_file(
     `report_path`: where the quarantine is written if every record fails, before DataFileError.
     """
     started = time.perf_counter()
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"LLaVA records file {path} does not exist: fix the path (data.llava.train / "
-            f"data.llava.eval in params.yaml), relative to the project root"
-        )
-    root = _check_image_root(image_root)
-    raw = _read_records(path)
+    if remote.is_s3(path):  # read once into memory (records are small next to their images)
+        path = remote.S3Object.parse(str(path))
+        raw = _read_records(path, remote.read_bytes(path))
+        root = _check_image_root(image_root)
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"LLaVA records file {path} does not exist: fix the path (data.llava.train / "
+                f"data.llava.eval in params.yaml), relative to the project root"
+            )
+        root = _check_image_root(image_root)
+        raw = _read_records(path, path.read_bytes())
 
     # Pass 1: each record's structure, in file order; images are only collected.
     checked: list[tuple[str, Sample | None, RecordError | None]] = []
@@ -142,7 +145,7 @@ def validate_llava_file(
     # Images: resolve each distinct path string, then check each distinct file, in threads.
     rels = sorted({s.image for _, s, _ in checked if s is not None and s.image is not None})
     resolved = dict(zip(rels, _parallel(lambda r: _resolve(root, r), rels, workers), strict=True))
-    files = sorted({p for p in resolved.values() if isinstance(p, Path)})
+    files = sorted({p for p in resolved.values() if isinstance(p, Path | remote.S3Object)})
     check = _full_check if full_decode else _header_check
     results = dict(zip(files, _parallel(check, files, workers, progress), strict=True))
 
@@ -210,9 +213,17 @@ def load_llava_records(
     ).samples
 
 
-def _check_image_root(image_root: str | Path | None) -> Path | None:
+def _check_image_root(image_root: str | Path | None) -> Path | remote.S3Object | None:
     if image_root is None:
         return None
+    if remote.is_s3(image_root):
+        prefix = remote.S3Object.parse(str(image_root))
+        if not remote.exists_prefix(prefix):
+            raise FileNotFoundError(
+                f"image root {prefix} holds no object (bucket {prefix.bucket!r}, prefix "
+                f"{prefix.key + '/'!r}): fix image_root in params.yaml"
+            )
+        return prefix
     root = Path(image_root)
     if not root.is_dir():
         raise FileNotFoundError(
@@ -222,12 +233,11 @@ def _check_image_root(image_root: str | Path | None) -> Path | None:
     return root
 
 
-def _read_records(path: Path) -> list[tuple[object, str | None]]:
-    """(parsed record or None, parse error or None) for each record of the file.
+def _read_records(path: Path | remote.S3Object, data: bytes) -> list[tuple[object, str | None]]:
+    """(parsed record or None, parse error or None) for each record of the file `data`.
 
     Raises DataFileError when the file as a whole cannot hold records.
     """
-    data = path.read_bytes()
     if data.startswith(codecs.BOM_UTF8):
         raise DataFileError(
             f"{path} starts with a UTF-8 byte-order mark (BOM), which JSON does not allow: "
@@ -316,7 +326,7 @@ def _all_quarantined(
     )
 
 
-def _resolve(root: Path | None, rel: str) -> Path | str:
+def _resolve(root: Path | remote.S3Object | None, rel: str) -> Path | remote.S3Object | str:
     """The real path of image `rel`, or why it may not be used."""
     assert root is not None
     try:
@@ -325,12 +335,18 @@ def _resolve(root: Path | None, rel: str) -> Path | str:
         return str(err)
 
 
-def _header_check(path: Path) -> tuple[ImageSize | None, str | None]:
-    """(size, None) for a usable image, (None, why) otherwise; reads the header only."""
-    if not path.is_file():
+def _header_check(path: Path | remote.S3Object) -> tuple[ImageSize | None, str | None]:
+    """(size, None) for a usable image, (None, why) otherwise; reads the header only.
+
+    A store that cannot be reached (after its retries) is no fault of the record: it raises."""
+    if isinstance(path, Path) and not path.is_file():
         return None, f"image file {path} does not exist"
     try:
         width, height, mode = images.image_header(path)
+    except remote.MissingObjectError:
+        return None, f"image file {path} does not exist"
+    except remote.RemoteDataError:
+        raise
     except Exception as err:  # Pillow raises many types for bad files
         return None, f"image file {path} cannot be read: {type(err).__name__}: {err}"
     if mode not in images.SUPPORTED_MODES:
@@ -338,15 +354,17 @@ def _header_check(path: Path) -> tuple[ImageSize | None, str | None]:
     return (width, height), None
 
 
-def _full_check(path: Path) -> tuple[ImageSize | None, str | None]:
+def _full_check(path: Path | remote.S3Object) -> tuple[ImageSize | None, str | None]:
     """As `_header_check`, then decode the pixels too (catches truncated pixel data)."""
     size, problem = _header_check(path)
     if problem is not None:
         return size, problem
     try:
-        with Image.open(path) as image:
+        with images.open_image(path) as image:
             image.verify()  # structure and checksums; catches most corruption cheaply
         images.open_rgb(path)  # verify() misses truncated pixel data; decoding does not
+    except remote.RemoteDataError:
+        raise
     except Exception as err:
         return None, f"image file {path} cannot be read: {type(err).__name__}: {err}"
     return size, None

@@ -20,8 +20,16 @@ from vregion.data import llava_format
 from vregion.data.dataset import write_index
 from vregion.data.encode import ImageTokenCounter, render, to_messages
 from vregion.data.records import Quarantine, write_jsonl
+from vregion.data.remote import S3Object, is_s3
 
 CHUNK = 2048  # records rendered and tokenized per tokenizer call
+
+
+def _root(image_root: str | None) -> str | None:
+    """Where the stages find the images: the real local path, or the s3:// URL as given."""
+    if not image_root:
+        return None
+    return str(S3Object.parse(image_root)) if is_s3(image_root) else os.path.realpath(image_root)
 
 
 def token_lengths(processor, samples, sizes, system_prompt: str | None) -> list[int]:
@@ -70,7 +78,10 @@ def ingest_source(
     for sample, n in zip(checked.samples, lengths, strict=True):
         if n > max_tokens:  # never truncated: a cut answer teaches the wrong thing
             quarantine.add(
-                cfg.records, sample.id, f"too long: {n} tokens > max_tokens {max_tokens}", "conversations"
+                cfg.records,
+                sample.id,
+                f"too long: {n} tokens > max_tokens {max_tokens}",
+                "conversations",
             )
         else:
             kept.append(sample)
@@ -88,7 +99,7 @@ def ingest_source(
     metrics = {
         "source": name,
         "records_file": str(cfg.records),
-        "image_root": os.path.realpath(cfg.image_root) if cfg.image_root else None,
+        "image_root": _root(cfg.image_root),
         "revision": cfg.revision,
         "records_read": checked.records,
         "records": len(kept),

@@ -39,7 +39,7 @@ class LazyImages(Sequence):
             return None
         from vregion.data.images import open_rgb, resolve_image
 
-        return open_rgb(resolve_image(Path(ref[0]), ref[1]))
+        return open_rgb(resolve_image(ref[0], ref[1]))  # a local root or an s3:// one
 
 
 def take(images: Sequence, indices: Sequence[int | None]) -> Sequence:
