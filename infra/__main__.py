@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from infra import prefect_server, process, ray_head, seaweedfs
+from infra import prefect_server, process, ray_head, ray_nodes, seaweedfs
 from infra.process import ServiceError
 from vregion.storage import BUCKET, DEFAULT_BUCKET, StorageError
 
@@ -23,6 +23,7 @@ examples:
   python -m infra s3 start --bucket demo --s3-port 18333
   python -m infra prefect start            UI and API on http://127.0.0.1:4200, PREFECT_HOME=.prefect/
   python -m infra ray start                Ray head on 127.0.0.1:6379, temp dir .ray/
+  python -m infra ray start --nodes 2 --num-cpus 1   head + a worker node (both 127.0.0.1)
   python -m infra all status
   python -m infra all stop
 """
@@ -111,6 +112,23 @@ def _start_prefect(args: argparse.Namespace) -> int:
 
 
 def _start_ray(args: argparse.Namespace) -> int:
+    nodes = getattr(args, "nodes", None) or 1
+    if nodes > 1:  # a local multi-node cluster: head + worker nodes, all on 127.0.0.1
+        began = time.monotonic()
+        address = ray_nodes.start_cluster(
+            _ray_dir(args),
+            nodes=nodes,
+            port=getattr(args, "port", None) or ray_head.DEFAULT_PORT,
+            num_cpus=getattr(args, "num_cpus", None) or 1,
+            timeout=getattr(args, "timeout", None) or ray_head.START_TIMEOUT,
+        )
+        print(
+            f"ray: {nodes} nodes up at {address} (ready in {time.monotonic() - began:.1f} s; "
+            f"resources node-0..node-{nodes - 1})"
+        )
+        print(f"  export RAY_ADDRESS={address}")
+        print("  export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0")
+        return 0
     head = ray_head.RayHead(
         temp_dir=_ray_dir(args),
         port=getattr(args, "port", None) or ray_head.DEFAULT_PORT,
@@ -143,7 +161,7 @@ _RUNNING = {
 _STOP = {
     "s3": lambda a: seaweedfs.stop(_s3_dir(a)),
     "prefect": lambda a: prefect_server.stop(_prefect_home(a)),
-    "ray": lambda a: ray_head.stop(_ray_dir(a)),
+    "ray": lambda a: ray_nodes.stop_cluster(_ray_dir(a)),
 }
 
 
@@ -230,7 +248,10 @@ def _parser() -> argparse.ArgumentParser:
     ray.add_argument("action", choices=ACTIONS)
     ray.add_argument("--temp-dir", type=_abs_path, help="Ray temp dir (default: <project>/.ray)")
     ray.add_argument("--port", type=int, default=ray_head.DEFAULT_PORT, help="GCS port")
-    ray.add_argument("--num-cpus", type=int, help="CPUs to offer (default: all)")
+    ray.add_argument("--num-cpus", type=int, help="CPUs to offer per node (default: all)")
+    ray.add_argument(
+        "--nodes", type=int, default=1, help="nodes on this machine: head + N-1 worker raylets"
+    )
     ray.add_argument(
         "--timeout", type=float, default=ray_head.START_TIMEOUT, help="start timeout, seconds"
     )

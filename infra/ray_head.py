@@ -20,6 +20,7 @@ Two Ray behaviours this module works around:
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -48,6 +49,10 @@ class RayHead:
     temp_dir: Path = field(default_factory=lambda: process.PROJECT_ROOT / ".ray")
     port: int = DEFAULT_PORT
     num_cpus: int | None = None
+    resources: dict[str, float] | None = None
+    """Custom resources of the head node (e.g. {"node-0": 1}, to place work on it)."""
+    object_store_mb: int | None = None
+    """Object store size; None: Ray's default (30% of memory)."""
 
     @property
     def address(self) -> str:
@@ -74,6 +79,10 @@ class RayHead:
         ]
         if self.num_cpus is not None:
             cmd.append(f"--num-cpus={self.num_cpus}")
+        if self.resources:
+            cmd.append(f"--resources={json.dumps(self.resources)}")
+        if self.object_store_mb is not None:
+            cmd.append(f"--object-store-memory={self.object_store_mb * 1024 * 1024}")
         return cmd
 
 

@@ -215,11 +215,16 @@ def run_finetune(
     use_gpu: bool = False,
     train_fn=finetune_worker,
     cpus_per_worker: int | None = None,
+    placement_strategy: str = "PACK",
+    max_failures: int = 2,
 ):
     """Run `train_fn` (the finetune loop) on a TorchTrainer; returns the Ray `Result`.
 
     Reusing `name` with the same storage resumes that run from its latest checkpoint. On CPU
     each worker gets `cpus_per_worker` cores (default: the Ray cluster's CPUs split evenly).
+    `placement_strategy="SPREAD"` puts the workers on different nodes where it can. A worker
+    group that fails (a worker or its node lost) restarts from the latest checkpoint up to
+    `max_failures` times.
     """
     import ray
     from ray.train import ScalingConfig
@@ -236,9 +241,12 @@ def run_finetune(
         train_fn,
         train_loop_config={"job": asdict(job), "threads": threads},
         scaling_config=ScalingConfig(
-            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources
+            num_workers=num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=placement_strategy,
         ),
-        run_config=run_config(name, local_dir),
+        run_config=run_config(name, local_dir, max_failures=max_failures),
     )
     return trainer.fit()
 
