@@ -14,6 +14,7 @@ Train, the finetune loop on the tiny embedded model):
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import threading
@@ -25,6 +26,7 @@ import torch
 
 from vregion.config import SourceConfig
 from vregion.data import synthetic
+from vregion.data.dataset import batch_plan
 from vregion.data.sources import ingest_source
 from vregion.storage import s3_client
 from vregion.train.finetune import STATE_FILE, FinetuneJob, run_finetune
@@ -92,13 +94,16 @@ def two_nodes(s3_env, tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_health_check_failure_threshold", "3")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     temp = Path(tempfile.mkdtemp(prefix="rn", dir="/tmp"))
-    address = ray_nodes.start_cluster(temp, nodes=1, port=free_port(), num_cpus=2)
+    port = free_port()
+    # Set before the nodes start, so Ray's helper processes on them (Train's placement-group
+    # cleaner) join this cluster, not another one running on the machine.
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    address = ray_nodes.start_cluster(temp, nodes=1, port=port, num_cpus=2)
     try:
         ray_nodes.start_node(
             ray_nodes.RayNode(ray_nodes.node_dir(temp, 1), address, num_cpus=1),
             expect_nodes=2,
         )
-        monkeypatch.setenv("RAY_ADDRESS", address)
         with local_ray():
             yield ray_nodes.node_dir(temp, 1)
     finally:
@@ -185,4 +190,37 @@ def test_two_nodes_s3_data_and_checkpoints_survive_a_lost_node(
         assert worst < 1e-6, worst  # the same training, resumed exactly
     finally:
         ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-    assert time.monotonic() - started < 240
+
+    # 3. A key deleted from the bucket, needed only after the first checkpoint.
+    short = FinetuneJob(**{**job.__dict__, "steps": 4})
+    image_key, body = _image_needed_late(short, s3_env, first_checkpoint=2)
+    s3 = s3_client(s3_env)
+    s3.delete_object(Bucket=s3_env.bucket, Key=image_key)
+    once = dict(local_dir=tmp_path / "unused", num_workers=1, max_failures=0)
+    with pytest.raises(Exception) as err:
+        run_finetune(short, name="missing-key", **once)
+    message = str(err.value)
+    assert image_key in message and s3_env.bucket in message and "does not exist" in message
+    kept = _checkpoints(s3_env, "missing-key")
+    assert kept  # the checkpoint written before the failure is intact in S3 ...
+    state = s3.get_object(Bucket=s3_env.bucket, Key=kept[-1])["Body"].read()
+    assert torch.load(io.BytesIO(state), weights_only=False)["step"] == 2
+    s3.put_object(Bucket=s3_env.bucket, Key=image_key, Body=body)
+    resumed = run_finetune(short, name="missing-key", **once)  # ... and the rerun resumes there
+    assert resumed.metrics["resumed_from"] == 2 and resumed.metrics["step"] == short.steps
+    assert time.monotonic() - started < 300
+
+
+def _image_needed_late(job: FinetuneJob, settings, first_checkpoint: int) -> tuple[str, bytes]:
+    """An image key the run reads only after step `first_checkpoint` (one worker), and its bytes."""
+    from vregion.train.finetune import job_dataset
+
+    dataset = job_dataset(job, None)
+    plan = batch_plan(dataset.lengths, dataset.has_image, job.batch_size, seed=job.seed)
+    early = {dataset.image_ref(int(i)) for b in plan[:first_checkpoint] for i in b}
+    late = [dataset.image_ref(int(i)) for b in plan[first_checkpoint : job.steps] for i in b]
+    root, rel = next(ref for ref in late if ref is not None and ref not in early)
+    key = settings.key("data", rel)
+    assert root == settings.url("data")
+    body = s3_client(settings).get_object(Bucket=settings.bucket, Key=key)["Body"].read()
+    return key, body
