@@ -126,10 +126,12 @@ class SourceConfig(Section):
     """One LLaVA-format records file and the folder its images are under (validated by `ingest`)."""
 
     records: str
-    """Path of the records: a JSON list or JSONL of `{id, image, conversations}` (LLaVA format).
+    """Path of the records: a JSON list or JSONL of `{id, image, conversations}` (LLaVA format);
+    or an `s3://bucket/key` URL, read with the `VREGION_S3_*` settings.
     A DVC dependency: editing the file reruns `ingest@<name>` and every stage downstream."""
     image_root: str | None = None
-    """Folder that the records' `image` paths are relative to (null for text-only records).
+    """Folder that the records' `image` paths are relative to (null for text-only records); or
+    an `s3://bucket/prefix` URL: images are read from the store when used, never copied.
     Images are referenced, never copied into the DVC cache: change `revision` when they change."""
     revision: str | None = None
     """Free-form version of the image folder (e.g. a date or a tag). Images are not hashed (a
