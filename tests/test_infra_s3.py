@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 # `infra/` lives at the project root and is not installed.
-from infra import prefect_server, process, ray_head, seaweedfs
+from infra import prefect_server, process, ray_head, ray_nodes, seaweedfs
 from infra.process import ServiceError
 from vregion.storage import S3Settings, check_s3
 
@@ -166,33 +166,67 @@ def test_prefect_server_cli_start_status_stop(tmp_path):
         prefect_server.stop(home)
 
 
-def test_ray_head_cli_start_join_stop():
+def _listening_addresses(pids: list[int]) -> set[str]:
+    """Local addresses (hex, as /proc/net/tcp* writes them) of the TCP sockets `pids` listen on."""
+    inodes = set()
+    for pid in pids:
+        fd_dir = Path(f"/proc/{pid}/fd")
+        for fd in fd_dir.iterdir() if fd_dir.is_dir() else []:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                found.add(cols[1].rsplit(":", 1)[0])
+    return found
+
+
+LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F"}  # 127.0.0.1, ::ffff:127.0.0.1
+
+
+def test_ray_cli_two_nodes_start_join_stop():
     # A short temp dir: Ray's socket paths under it must fit in 107 bytes.
     temp_dir = Path(tempfile.mkdtemp(prefix="vr-ray-", dir="/tmp"))
     port = process.free_ports(1)[0]
-    args = [f"--temp-dir={temp_dir}", f"--port={port}", "--num-cpus=1"]
+    args = [f"--temp-dir={temp_dir}", f"--port={port}", "--num-cpus=1", "--nodes=2"]
     env = dict(os.environ)
     try:
         started = _infra("ray", "start", *args, env=env)
         assert started.returncode == 0, started.stdout + started.stderr
         assert f"export RAY_ADDRESS=127.0.0.1:{port}" in started.stdout
         pgid = json.loads((temp_dir / "head.json").read_text())["pgid"]
-        assert process.group_members(pgid)
+        node_pgid = json.loads((temp_dir / "node-1" / "node.json").read_text())["pgid"]
+        members = process.group_members(pgid) + process.group_members(node_pgid)
+        assert process.group_members(pgid) and process.group_members(node_pgid)
+        listening = _listening_addresses(members)
+        assert listening and listening <= LOOPBACK, listening  # both raylets, GCS: loopback only
 
-        # A driver joins through the printed variables and runs a task on the head.
+        # A driver joins through the printed variables and sees both nodes, 1 CPU each.
+        script = (
+            "import ray; ray.init(); r = ray.cluster_resources(); "
+            "print(r['CPU'], r['node-0'], r['node-1'], len(ray.nodes()))"
+        )
         driver = subprocess.run(
-            [sys.executable, "-c", "import ray; ray.init(); print(ray.cluster_resources()['CPU'])"],
+            [sys.executable, "-c", script],
             env={**env, **ray_head.RAY_ENV, "RAY_ADDRESS": f"127.0.0.1:{port}"},
             capture_output=True,
             text=True,
             timeout=120,
         )
-        assert driver.returncode == 0 and driver.stdout.strip() == "1.0", driver.stderr[-3000:]
+        assert driver.returncode == 0, driver.stderr[-3000:]
+        assert driver.stdout.split()[-4:] == ["2.0", "1.0", "1.0", "2"], driver.stdout
 
         stopped = _infra("ray", "stop", *args, env=env)
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
         assert not process.group_members(pgid) and not process.port_in_use(port)
+        assert not process.group_members(node_pgid)
         assert _infra("ray", "status", *args, env=env).returncode == 3
     finally:
-        ray_head.stop(temp_dir)
+        ray_nodes.stop_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
