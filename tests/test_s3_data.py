@@ -122,7 +122,9 @@ def test_ingest_validates_in_place_and_training_reads_images_lazily(
     remote._clients.clear()
 
 
-def test_missing_records_object_and_empty_image_prefix_are_named(s3_env, tiny_processor, tmp_path):
+def test_missing_records_object_and_empty_image_prefix_are_named(
+    s3_env, tiny_processor, tmp_path, monkeypatch
+):
     records_url, root_url = upload_set(s3_env, n=2)
     for cfg, expected in (
         (SourceConfig(records=s3_env.url("nope.jsonl"), image_root=root_url), "nope.jsonl"),
@@ -139,6 +141,30 @@ def test_missing_records_object_and_empty_image_prefix_are_named(s3_env, tiny_pr
                 workers=2,
             )
         assert expected in str(err.value) and s3_env.bucket in str(err.value)
+
+    # A store that cannot be reached is not the records' fault: no quarantine, one clear error.
+    from s3_fixtures import free_port
+
+    from vregion.data import remote
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("VREGION_S3_ENDPOINT_URL", dead)
+    remote._clients.clear()
+    try:
+        with pytest.raises(RemoteDataError) as err:
+            ingest_source(
+                "x",
+                SourceConfig(records=records_url, image_root=root_url),
+                tiny_processor,
+                tmp_path / "dead",
+                system_prompt=None,
+                max_tokens=512,
+                workers=2,
+            )
+    finally:
+        remote._clients.clear()
+    assert dead in str(err.value) and s3_env.key("records.jsonl") in str(err.value)
+    assert not (tmp_path / "dead" / "quarantine.json").exists()
 
 
 def test_an_s3_image_root_confines_keys_to_its_prefix():

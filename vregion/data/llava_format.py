@@ -27,6 +27,12 @@ Images are checked once per unique file, in parallel threads (Pillow releases th
 reading): by default only the header (missing, non-image and truncated-header files), with
 `full_decode` also the pixels (truncated pixel data). Header sizes are returned per sample so
 token counts need no decoding.
+
+The records file and the image root may be `s3://` URLs (`vregion.data.remote`): the records
+object is read once, each image's header with a ranged GET, in place; a key outside the root's
+prefix is "outside the image root" like a path outside a folder. A store that cannot be read
+(unreachable, refused) stops validation with `RemoteDataError`; a missing key is a record's
+problem and goes to quarantine.
 """
 
 from __future__ import annotations
