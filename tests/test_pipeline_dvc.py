@@ -315,6 +315,18 @@ def test_lm_eval_scores_each_reply_as_vregions_scorer_does(harness_run):
         assert theirs.index(max(theirs)) == ours.index(max(ours))
 
 
+def test_report_shows_harness_figures_beside_vregions_own(harness_run):
+    from stages.report import harness_section
+
+    repo, ev = harness_run
+    section = harness_section(ev)
+    tuned = ev["models"]["tuned"]
+    assert f"{tuned['lm_eval']['vregion_text_mc']['acc']:.3f}" in section
+    assert f"{tuned['lmms_eval']['vregion_vqa']['exact_match']:.3f}" in section
+    assert f"{tuned['text']['mc_accuracy']:.3f} (text multiple choice)" in section
+    assert "generate freely" in section  # why the VQA figures differ
+
+
 def test_a_failing_harness_task_exits_2_naming_it_and_writes_no_metrics(harness_run):
     """lmms-eval exits 0 when a task fails: the stage reads its results file instead."""
     import subprocess
