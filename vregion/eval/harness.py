@@ -80,7 +80,8 @@ def export_llm(lvlm_dir: str | Path, out_dir: str | Path) -> dict:
     except ValueError as err:
         raise ConfigError(
             f"cannot export the LLM of {lvlm_dir} for lm-eval: transformers has no causal LM for "
-            f"its text config ({text_config.model_type}): {err}"
+            f"its text config ({text_config.model_type}); set evaluate.lm_eval.tasks: [] to skip "
+            f"lm-eval: {err}"
         ) from None
     lm = layer_map(lvlm)
     decoder = lvlm.get_submodule(lm.layers_path.rsplit(".", 1)[0])  # the module holding layers
@@ -134,6 +135,8 @@ def write_vqa_data(parts: list[dict], path: Path) -> int:
         records = RecordFile(part.records)
         for r in part.rows:
             s = records[int(r)]
+            if s.image is None:  # an image task: text-only records have nothing to show
+                continue
             question = s.conversations[0]["value"].replace("<image>", "").strip()
             image = str(resolve_image(Path(part.image_root), s.image).resolve())
             rows.append(
