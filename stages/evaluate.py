@@ -6,11 +6,19 @@ across questions) and chance on each multiple-choice set of `evaluate.data`; exa
 the blind control on each set without choices (LLaVA-format records from `data.sources`); text skill against the base LLM; prefill/decode tokens/s; parameters; size on disk; peak
 memory (each model in its own process). Then the accuracy of the tuned model with 0, 1, 2, ...
 layers removed in the prune stage's order: the layers-removed curve.
+
+When `evaluate.lm_eval.tasks` / `evaluate.lmms_eval.tasks` name tasks, the field's harnesses run
+on every model first (a failing task stops the stage before any metric is written): lm-eval on
+each model's LLM, exported to `models/llm/<name>` as a plain causal LM, and lmms-eval on the
+LVLM checkpoint. Their logs and results files go to `reports/harness/<model>/<harness>/`; the
+figures in metrics/eval.json are read from those results files.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,7 +27,9 @@ from prefect import flow, task
 from stages._common import run_stage, write_csv, write_json
 from vregion.config import ConfigError, Params, load_params
 from vregion.data.dataset import balanced_parts, part_to_dict, resolve_mix
+from vregion.data.text_skill import read_text_set
 from vregion.devices import pick_device, resolve_precision
+from vregion.eval import harness as hx
 from vregion.eval.checkpoint import EvalJob, checkpoint_exists, evaluate_isolated
 from vregion.eval.visual import accuracy_table, predict_choices
 from vregion.models.loading import load_lvlm
@@ -36,6 +46,9 @@ ACCURACY_CSV = "metrics/eval_accuracy.csv"
 CURVE_CSV = "metrics/prune_curve.csv"
 ACCURACY_PNG = "reports/plots/eval_accuracy.png"
 CURVE_PNG = "reports/plots/prune_curve.png"
+LLM_EXPORTS = "models/llm"
+HARNESS_DIR = "reports/harness"
+TEXT_ITEMS = f"{DATA}/text/text_skill.jsonl"
 
 
 def eval_sets(p: Params) -> dict[str, list[dict]]:
@@ -59,7 +72,7 @@ def eval_job(
         checkpoint=checkpoint,
         system_prompt=p.model.system_prompt,
         sets=sets if visual else {},
-        text_items=f"{DATA}/text/text_skill.jsonl" if e.text else None,
+        text_items=TEXT_ITEMS if e.text else None,
         batch_size=e.batch_size,
         precision=e.precision,
         seed=p.model.seed,
@@ -115,6 +128,100 @@ def prune_curve(p: Params) -> list[dict]:
     return rows
 
 
+def harness_status(p: Params) -> dict:
+    """What each harness will do: the tasks and settings, or why it does not run."""
+    out = {}
+    for harness in ("lm_eval", "lmms_eval"):
+        cfg = getattr(p.evaluate, harness)
+        missing = hx.harness_missing(harness)
+        status = (
+            "not requested"
+            if not cfg.tasks
+            else f"not installed ({', '.join(missing)} missing)"
+            if missing
+            else "ran"
+        )
+        out[harness] = {
+            "status": status,
+            "version": hx.harness_version(harness),
+            "tasks": cfg.tasks,
+            "limit": cfg.limit,
+        }
+    return out
+
+
+@task(name="harnesses")
+def run_harnesses(p: Params, models: dict[str, str], sets: dict, status: dict) -> dict:
+    """Each requested, installed harness on every model: `{model: {harness: {task: {metric:
+    value}}}}`, each figure read from the results file the harness wrote (recorded in
+    `status[harness]["results_files"]`). Raises HarnessError at the first task without one."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    out: dict[str, dict] = {name: {} for name in models}
+    exports = {}
+    for harness in ("lm_eval", "lmms_eval"):
+        cfg, st = getattr(p.evaluate, harness), status[harness]
+        if st["status"].startswith("not installed"):
+            print(f"{harness} is {st['status']}: its tasks {cfg.tasks} are not measured")
+        if st["status"] == "ran":
+            st["results_files"] = {}
+    # Model by model, so a failing task stops the stage after one model's runs, not three.
+    for name, checkpoint in models.items():
+        for harness in ("lm_eval", "lmms_eval"):
+            cfg, st = getattr(p.evaluate, harness), status[harness]
+            if st["status"] != "ran":
+                continue
+            workdir = Path(HARNESS_DIR) / name / harness
+            shutil.rmtree(workdir, ignore_errors=True)
+            if harness == "lm_eval":
+                target = Path(LLM_EXPORTS) / name
+                shutil.rmtree(target, ignore_errors=True)
+                exports[name] = hx.export_llm(checkpoint, target)
+                model_args = {"pretrained": str(target.resolve())}
+                if hx.TEXT_MC_TASK in cfg.tasks:
+                    from transformers import AutoTokenizer
+
+                    hx.write_text_mc_data(
+                        read_text_set(TEXT_ITEMS),
+                        AutoTokenizer.from_pretrained(target),
+                        p.model.system_prompt,
+                        workdir / f"{hx.TEXT_MC_TASK}.jsonl",
+                    )
+            else:
+                model_args = {"pretrained": str(Path(checkpoint).resolve())}
+                if not cuda:
+                    model_args["device_map"] = "cpu"  # llava_hf puts the model on CUDA otherwise
+                if hx.VQA_TASK in cfg.tasks:
+                    hx.write_vqa_data(next(iter(sets.values())), workdir / f"{hx.VQA_TASK}.jsonl")
+            extra = ["--device", "cuda" if cuda else "cpu", *cfg.extra_args]
+            if cfg.num_fewshot is not None:
+                extra += ["--num_fewshot", str(cfg.num_fewshot)]
+            print(f"{harness} on {name}: {', '.join(cfg.tasks)}")
+            run = hx.run_harness(
+                harness,
+                cfg.model or ("hf" if harness == "lm_eval" else "llava_hf"),
+                {**model_args, **cfg.model_args},
+                cfg.tasks,
+                workdir,
+                include_paths=[str(Path(d).resolve()) for d in cfg.include_path],
+                limit=cfg.limit,
+                batch_size=cfg.batch_size,
+                threads=cfg.threads or hx.default_threads(),
+                offline=cfg.offline,
+                extra_args=extra,
+                timeout=cfg.timeout_s,
+            )
+            st["results_files"][name] = os.path.relpath(run["results_file"])
+            out[name][harness] = {
+                task: {**figures, "n": run["samples"][task]}
+                for task, figures in run["results"].items()
+            }
+    Path(LLM_EXPORTS).mkdir(parents=True, exist_ok=True)
+    write_json(Path(LLM_EXPORTS) / "exports.json", exports)
+    return out
+
+
 def add_comparisons(results: dict, base_text: dict | None, baseline: str | None) -> None:
     """Text skill against the base LLM, and visual retention % against `baseline`."""
     ref = results.get(baseline, {}).get("visual") if baseline else None
@@ -147,8 +254,14 @@ def evaluate(params: str = "params.yaml") -> dict:
         raise ConfigError(
             f"evaluate.baseline: {p.evaluate.baseline!r} is not one of {sorted(models)}"
         )
+    Path(METRICS).unlink(missing_ok=True)  # a failing run leaves no metrics, not stale ones
     sets = eval_sets(p)
+    status = harness_status(p)
+    harness_results = run_harnesses(p, models, sets, status)
+    write_json(Path(HARNESS_DIR) / "harness.json", status)
     results = {name: measure(name, eval_job(p, path, sets)) for name, path in models.items()}
+    for name, r in results.items():
+        r.update(harness_results[name])
     base_text = None
     if p.evaluate.text:
         base_text = measure("base LLM (text only)", eval_job(p, BASE, {}, visual=False))["text"]
@@ -163,6 +276,7 @@ def evaluate(params: str = "params.yaml") -> dict:
             "base_text": base_text,
             "baseline": p.evaluate.baseline,
             "prune_curve": curve,
+            "harnesses": status,
         },
     )
     write_csv(
@@ -208,6 +322,10 @@ def evaluate(params: str = "params.yaml") -> dict:
                 f"{name} on {set_name}: accuracy {v['accuracy']:.3f} (blind {v['blind']:.3f}), "
                 f"{r['num_layers']} layers"
             )
+        for harness in ("lm_eval", "lmms_eval"):
+            for task_name, figures in r.get(harness, {}).items():
+                shown = ", ".join(f"{k} {v:.4g}" for k, v in figures.items() if v is not None)
+                print(f"{name}, {harness} {task_name}: {shown}")
     return results
 
 

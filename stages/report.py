@@ -73,6 +73,68 @@ def text_section(models: dict, base_text: dict | None) -> str:
     return table(["model", "multiple choice acc.", "vs base", "answer NLL", "vs base"], rows)
 
 
+HARNESS_NAMES = {"lm_eval": "lm-evaluation-harness", "lmms_eval": "lmms-eval"}
+OWN_FIGURE = {  # a harness task -> vregion's own figure on the same items, and how it differs
+    "vregion_text_mc": (
+        lambda r: r.get("text", {}).get("mc_accuracy"),
+        "text multiple choice",
+        "the same items, context and replies (each scored by its log-likelihood), so the two "
+        "agree; they differ only if `limit` cuts the items",
+    ),
+    "vregion_vqa": (
+        lambda r: r.get("visual", {}).get("overall", {}).get("accuracy"),
+        "visual accuracy",
+        "vregion picks the most likely of the listed choices (chance 1/choices, formatting never "
+        "matters); lmms-eval lets the model generate freely, with no system prompt and no "
+        "choices shown, and counts exact matches of the answer (on its first `limit` questions), "
+        "so a model that knows the answer but words it otherwise scores lower here",
+    ),
+}
+
+
+def harness_section(ev: dict) -> str:
+    """Each harness's figures per model and task, beside vregion's own on the same items."""
+    status = ev.get("harnesses") or {}
+    if not status:
+        return "_No harness was configured for this run._"
+    parts = []
+    for harness, st in status.items():
+        name = HARNESS_NAMES.get(harness, harness)
+        if st["status"] != "ran":
+            parts.append(f"**{name}**: {st['status']}; no figure from it.")
+            continue
+        rows, notes = [], {}
+        for model, r in ev["models"].items():
+            for task, figures in r.get(harness, {}).items():
+                own, own_name, why = OWN_FIGURE.get(task, (lambda r: None, "", ""))
+                own_value = own(r)
+                for metric, value in figures.items():
+                    if metric == "n" or metric.endswith("_stderr") or "_stderr" in metric:
+                        continue
+                    err = figures.get(f"{metric}_stderr")
+                    rows.append(
+                        [
+                            model,
+                            f"`{task}`",
+                            metric,
+                            f"{value:.3f}" + (f" ± {err:.3f}" if err else ""),
+                            figures.get("n", ""),
+                            "" if own_value is None else f"{own_value:.3f} ({own_name})",
+                        ]
+                    )
+                if why:
+                    notes[task] = why
+        version = f" {st['version']}" if st.get("version") else ""
+        parts.append(
+            f"**{name}{version}**, tasks {', '.join(f'`{t}`' for t in st['tasks'])}"
+            + (f", limit {st['limit']}" if st.get("limit") else "")
+            + " (figures read from its results files, `reports/harness/<model>/`):"
+        )
+        parts.append(table(["model", "task", "metric", "value", "n", "vregion's own"], rows))
+        parts += [f"`{task}` against vregion's own figure: {why}." for task, why in notes.items()]
+    return "\n\n".join(parts)
+
+
 def cost_section(models: dict) -> str:
     rows = []
     for name, r in models.items():
@@ -188,6 +250,8 @@ def summary(p) -> str:
     parts += [
         "## Text skill (against the base LLM)",
         text_section(models, ev.get("base_text")),
+        "## Evaluation harnesses (lm-eval, lmms-eval)",
+        harness_section(ev),
         "## Speed and size",
         cost_section(models),
         f"Ideal decode speed-up from removing {len(prune['removed'])} of {n} layers: "

@@ -39,6 +39,9 @@ TINY_PARAMS = {
         "new_tokens": 3,
         "batch_size": 6,
         "precision": "fp32",
+        # The harnesses cost ~12 s a model each: off here, run once in test_pipeline_dvc.
+        "lm_eval": {"tasks": []},
+        "lmms_eval": {"tasks": []},
     },
 }
 DVC = [sys.executable, "-m", "dvc"]

@@ -137,3 +137,27 @@ def test_charts_draw_every_sweep_with_error_bars(tmp_path):
     assert made == {"retention": "retention_vs_layers.png", "strategies": "strategies.png"}
     for name in made.values():
         assert (tmp_path / name).stat().st_size > 10_000
+
+
+def test_harness_figures_of_the_tuned_model_reach_the_comparison():
+    from vregion.compare import comparison_markdown
+
+    tuned = {
+        "visual": {"overall": {"accuracy": 0.6, "n": 600, "blind": 0.4}},
+        "lm_eval": {"vregion_text_mc": {"acc": 0.75, "acc_stderr": 0.04, "n": 72}},
+        "lmms_eval": {"vregion_vqa": {"exact_match": 0.5, "exact_match_stderr": 0.05, "n": 120}},
+    }
+    metrics = {
+        "eval": {"models": {"tuned": tuned}, "prune_curve": []},
+        "train": {"seconds_per_step": 1.2, "trainable_params": 10, "trainable_percent": 1.0},
+        "region": {"region": [1, 5], "region_size": 2, "num_layers": 8},
+    }
+    r = run_row("uniform", "uniform", metrics, "abc")
+    assert r["harness"] == {
+        "lm_eval vregion_text_mc acc": 0.75,
+        "lmms_eval vregion_vqa exact_match": 0.5,
+    }
+    add_ratios([r], None)
+    page = comparison_markdown({"strategies": {"uniform": r}}, [], {}, {}, "make sweep")
+    assert "| lm_eval vregion_text_mc acc | lmms_eval vregion_vqa exact_match |" in page
+    assert "| uniform | 0.750 | 0.500 |" in page

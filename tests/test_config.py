@@ -53,3 +53,38 @@ def test_wrong_values_name_the_field(tmp_path, patch, words):
 def test_missing_params_file_says_where(tmp_path):
     with pytest.raises(ConfigError, match="no such params file"):
         load_params(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    "preset", sorted((ROOT / "configs" / "benchmarks").glob("*.yaml")), ids=lambda p: p.stem
+)
+def test_benchmark_presets_are_valid_and_their_command_sets_exactly_them(preset, tmp_path):
+    """Each preset's header command (`dvc exp run -S key=value ...`) sets the values its body
+    lists, and params.yaml with them applied is valid."""
+    import shlex
+
+    text = preset.read_text()
+    (command,) = [line[1:].strip() for line in text.splitlines() if "dvc exp run" in line]
+    words = shlex.split(command)
+    commanded = {}
+    for flag, assignment in zip(words, words[1:], strict=False):
+        if flag == "-S":
+            key, value = assignment.split("=", 1)
+            commanded[key] = yaml.safe_load(value)
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    assert commanded == flat(yaml.safe_load(text))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for key, value in commanded.items():
+        *path, last = key.split(".")
+        node = params
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    load_params(tmp_path / "params.yaml")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pipeline_repo import DVC, TINY_PARAMS, make_pipeline_repo, pipeline_env, run
+from pipeline_repo import DVC, TINY_PARAMS, make_pipeline_repo, merge, pipeline_env, run
 
 STAGES = (
     "base",
@@ -237,3 +237,111 @@ def test_report_shows_the_measured_figures(pipeline_repo):
         assert f"{r['visual']['overall']['accuracy']:.3f}" in summary
     assert "![accuracy per kind](plots/eval_accuracy.png)" in summary
     assert (repo / "reports" / "plots" / "eval_accuracy.png").is_file()
+
+
+# The field's harnesses, once, on the tuned model: lm-eval on its exported LLM, lmms-eval on the
+# LVLM, each on the local task vregion ships (about 12 s a harness run on 2 cores).
+HARNESS_PARAMS = {
+    "evaluate": {
+        "models": ["tuned"],
+        "speed_repeats": 0,
+        "prune_curve": [],
+        "lm_eval": {"tasks": ["vregion_text_mc"], "threads": 1, "extra_args": ["--log_samples"]},
+        "lmms_eval": {"tasks": ["vregion_vqa"], "limit": 4, "threads": 1},
+    }
+}
+
+
+def _params_file(repo: Path, name: str, patch: dict) -> str:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    (repo / name).write_text(yaml.safe_dump(merge(params, patch), sort_keys=False))
+    return name
+
+
+@pytest.fixture(scope="module")
+def harness_run(pipeline_repo):
+    repo, env, _, _ = pipeline_repo
+    params = _params_file(repo, "harness.yaml", HARNESS_PARAMS)
+    _run([sys.executable, "-m", "stages.evaluate", "--params", params], repo, env)
+    return repo, json.loads((repo / "metrics" / "eval.json").read_text())
+
+
+def test_evaluate_reads_both_harnesses_figures_from_their_results_files(harness_run):
+    repo, ev = harness_run
+    tuned = ev["models"]["tuned"]
+    for harness, task, metric in (
+        ("lm_eval", "vregion_text_mc", "acc"),
+        ("lmms_eval", "vregion_vqa", "exact_match"),
+    ):
+        status = ev["harnesses"][harness]
+        assert status["status"] == "ran" and status["version"]
+        results = json.loads((repo / status["results_files"]["tuned"]).read_text())["results"]
+        assert tuned[harness][task][metric] == results[task][f"{metric},none"]
+    assert tuned["lmms_eval"]["vregion_vqa"]["n"] == 4  # its `limit`
+    # lm-eval's accuracy is vregion's own on the same items (the LVLM's text path)
+    assert tuned["lm_eval"]["vregion_text_mc"]["n"] == tuned["text"]["mc_items"]
+    assert tuned["lm_eval"]["vregion_text_mc"]["acc"] == pytest.approx(
+        tuned["text"]["mc_accuracy"], abs=1e-4
+    )
+
+
+def test_lm_eval_scores_each_reply_as_vregions_scorer_does(harness_run):
+    """Per reply, lm-eval's log-likelihood on the exported LLM equals vregion's summed reply
+    log-probability plus one constant per item (lm-eval moves the context's trailing newline
+    into every continuation), so both pick the same reply on every item."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vregion.data.text_skill import _reply_logprobs, read_text_set, tokenize_reply
+
+    repo, _ = harness_run
+    llm_dir = repo / "models" / "llm" / "tuned"
+    llm = AutoModelForCausalLM.from_pretrained(llm_dir)  # a plain causal LM
+    tokenizer = AutoTokenizer.from_pretrained(llm_dir)
+    assert llm.config.num_hidden_layers == 4
+    system = yaml.safe_load((repo / "harness.yaml").read_text())["model"]["system_prompt"]
+    items = {i["id"]: i for i in read_text_set(repo / "data" / "text" / "text_skill.jsonl")}
+    (samples,) = (repo / "reports/harness/tuned/lm_eval/output").rglob("samples_*.jsonl")
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert len(rows) == sum(i["type"] == "mc" for i in items.values())
+    torch.set_num_threads(1)
+    for row in rows[:24]:  # every family, in a couple of seconds
+        item = items[row["doc"]["id"]]
+        theirs = [float(ll) for ll, _ in row["filtered_resps"]]
+        seqs = [tokenize_reply(tokenizer, system, item["prompt"], o) for o in item["options"]]
+        ours = [sum(lp) for lp in _reply_logprobs(llm, tokenizer, seqs, batch_size=4)]
+        shift = [t - o for t, o in zip(theirs, ours, strict=True)]
+        assert max(shift) - min(shift) < 1e-3, (item["id"], theirs, ours)
+        assert theirs.index(max(theirs)) == ours.index(max(ours))
+
+
+def test_report_shows_harness_figures_beside_vregions_own(harness_run):
+    from stages.report import harness_section
+
+    repo, ev = harness_run
+    section = harness_section(ev)
+    tuned = ev["models"]["tuned"]
+    assert f"{tuned['lm_eval']['vregion_text_mc']['acc']:.3f}" in section
+    assert f"{tuned['lmms_eval']['vregion_vqa']['exact_match']:.3f}" in section
+    assert f"{tuned['text']['mc_accuracy']:.3f} (text multiple choice)" in section
+    assert "generate freely" in section  # why the VQA figures differ
+
+
+def test_a_failing_harness_task_exits_2_naming_it_and_writes_no_metrics(harness_run):
+    """lmms-eval exits 0 when a task fails: the stage reads its results file instead."""
+    import subprocess
+
+    repo, _ = harness_run
+    patch = {"evaluate": {"lm_eval": {"tasks": []}, "lmms_eval": {"tasks": ["no_such_task"]}}}
+    params = _params_file(repo, "bad_harness.yaml", merge(HARNESS_PARAMS, patch))
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.evaluate", "--params", params],
+        cwd=repo,
+        env=pipeline_env(repo),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "lmms_eval gave no result for task 'no_such_task' (exit code 0" in proc.stderr
+    assert not (repo / "metrics" / "eval.json").exists()

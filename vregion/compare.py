@@ -60,6 +60,7 @@ def run_row(
         "text_mc_vs_base": text.get("mc_accuracy_vs_base"),
         "text_nll_vs_base": text.get("answer_nll_vs_base"),
         "text_mc_items": text.get("mc_items"),
+        "harness": harness_figures(tuned),
         "seconds_per_step": train["seconds_per_step"],
         "trainable_params": train["trainable_params"],
         "trainable_percent": train["trainable_percent"],
@@ -73,6 +74,32 @@ def run_row(
             for c in metrics["eval"].get("prune_curve", [])
         ],
     }
+
+
+def harness_figures(model: Mapping[str, dict]) -> dict[str, float]:
+    """A model's lm-eval / lmms-eval figures as `{"<harness> <task> <metric>": value}`, as
+    evaluate read them from the harnesses' results files (no standard errors, no counts)."""
+    return {
+        f"{harness} {task} {metric}": value
+        for harness in ("lm_eval", "lmms_eval")
+        for task, figures in model.get(harness, {}).items()
+        for metric, value in figures.items()
+        if metric != "n" and "_stderr" not in metric
+    }
+
+
+def harness_table(rows: Sequence[dict]) -> str:
+    """The tuned model's harness figures per run; empty when no run has any."""
+    keys = sorted({k for r in rows for k in r.get("harness", {})})
+    if not keys:
+        return ""
+    lines = ["| run | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for r in rows:
+        figures = r.get("harness", {})
+        lines.append(
+            f"| {r['label']} | " + " | ".join(_fmt(figures.get(k), ".3f") for k in keys) + " |"
+        )
+    return "Evaluation harnesses on the tuned model:\n\n" + "\n".join(lines)
 
 
 def add_ratios(rows: Sequence[dict], baseline: dict | None) -> None:
@@ -394,6 +421,8 @@ def comparison_markdown(
         if not rows:
             continue
         parts += [f"## {titles.get(sweep, sweep)}", sweep_table(list(rows.values()))]
+        if harness := harness_table(list(rows.values())):
+            parts.append(harness)
         if sweep == "strategies" and "strategies" in pictures:
             parts.append(f"![accuracy per strategy](plots/{pictures['strategies']})")
         if sweep == "sizes" and "retention" in pictures:

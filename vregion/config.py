@@ -417,6 +417,35 @@ class PruneConfig(Section):
     """Learning rate of the healing pass."""
 
 
+class HarnessConfig(Section):
+    """One evaluation harness run on every model `evaluate` measures (read by evaluate)."""
+
+    tasks: list[str] = []
+    """Task names as the harness knows them (its own, or ones under `include_path`); [] skips
+    the harness. vregion ships `vregion_text_mc` (lm-eval) and `vregion_vqa` (lmms-eval)."""
+    include_path: list[str] = []
+    """More directories of task YAMLs (your local copies of MME, MMLU, ...)."""
+    limit: int | float | None = Field(None, gt=0)
+    """Documents per task (a count, or a fraction below 1); null: all of them."""
+    batch_size: int = Field(1, ge=1)
+    """The harness's batch size."""
+    num_fewshot: int | None = Field(None, ge=0)
+    """Few-shot examples; null: each task's own default."""
+    model: str | None = None
+    """The harness's model type; null: `hf` for lm-eval (the exported LLM), `llava_hf` for
+    lmms-eval (the LVLM checkpoint)."""
+    model_args: dict[str, str | int | float | bool] = {}
+    """Extra `--model_args` (e.g. `dtype: bfloat16`, `max_length: 4096`)."""
+    extra_args: list[str] = []
+    """More command-line arguments, passed as they are (e.g. `[--apply_chat_template]`)."""
+    threads: int | None = Field(None, ge=1)
+    """CPU threads of the harness process (OMP/MKL); null: every CPU this process may use."""
+    offline: bool = True
+    """HF_HUB_OFFLINE and HF_DATASETS_OFFLINE on: task data must be local or already cached."""
+    timeout_s: float | None = Field(None, gt=0)
+    """Stop a harness run after this long (it then fails the stage); null: no limit."""
+
+
 class EvaluateConfig(Section):
     """Measure every model the pipeline produced (read by evaluate)."""
 
@@ -448,6 +477,12 @@ class EvaluateConfig(Section):
     baseline: str | None = None
     """Name of the model that retention % is computed against (e.g. an all-layer-tuned model
     in `extra_models`); null: no retention column."""
+    lm_eval: HarnessConfig = HarnessConfig()
+    """lm-evaluation-harness on each model's LLM, exported to `models/llm/<name>` (text tasks:
+    MMLU, BBH, ... and the shipped `vregion_text_mc`)."""
+    lmms_eval: HarnessConfig = HarnessConfig()
+    """lmms-eval on each LVLM checkpoint (image tasks: MME, POPE, ... and the shipped
+    `vregion_vqa`; `llava_hf` runs generation tasks only)."""
 
 
 class Params(Section):

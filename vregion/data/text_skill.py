@@ -707,6 +707,27 @@ def tokenize_reply(
     return ids, positions
 
 
+def reply_split(tokenizer, system_prompt: str, prompt: str, reply: str) -> tuple[str, str]:
+    """The chat text of `tokenize_reply` cut where its scored tokens start: (context,
+    continuation), the continuation ending with the end-of-turn token. Tokenizing
+    `context + continuation` gives the same ids, and the continuation's tokens are exactly the
+    scored ones: the strings a log-likelihood harness (lm-eval) needs to score a reply as
+    `score_text_skill` does. Raises ValueError where the tokenizer merges across the cut."""
+    ids, positions = tokenize_reply(tokenizer, system_prompt, prompt, reply)
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if list(encoded["input_ids"]) != ids:
+        raise ValueError(f"the tokenizer does not round-trip the chat of {prompt!r}")
+    offsets = encoded["offset_mapping"]
+    start, end = offsets[positions[0]][0], offsets[positions[-1]][1]
+    context, continuation = text[:start], text[start:end]
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    head = tokenizer(context, add_special_tokens=False)["input_ids"]
+    if list(whole) != ids[: positions[-1] + 1] or list(head) != ids[: positions[0]]:
+        raise ValueError(f"the tokenizer merges tokens across the reply of {prompt!r}")
+    return context, continuation
+
+
 def _pad_id(tokenizer) -> int:
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if candidate is not None:
