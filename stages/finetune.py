@@ -26,7 +26,7 @@ from stages._common import log, run_stage, write_csv, write_json
 from vregion.config import ConfigError, DataMix, Params, load_params
 from vregion.data.dataset import balanced_parts, resolve_mix, total_steps
 from vregion.devices import gpu_available, pick_device, resolve_precision
-from vregion.distributed import forget_run, local_ray
+from vregion.distributed import forget_run, local_ray, progress_relay
 from vregion.eval.visual import visual_accuracy
 from vregion.models.loading import load_lvlm
 from vregion.plots import accuracy_chart, note_chart
@@ -174,9 +174,18 @@ def finetune(params: str = "params.yaml") -> dict:
     print(
         f"finetune: {job.mode} on layers {job.layers}, run {name}, {p.finetune.num_workers} worker(s)"
     )
-    with tempfile.TemporaryDirectory(prefix="vr", dir="/tmp") as ray_tmp, local_ray(ray_tmp):
+    with (
+        tempfile.TemporaryDirectory(prefix="vr", dir="/tmp") as ray_tmp,
+        local_ray(ray_tmp),
+        progress_relay() as relay,  # the workers' steps reach this flow run's progress and logs
+    ):
         result = run_finetune(
-            job, name=name, local_dir=RUNS, num_workers=p.finetune.num_workers, use_gpu=use_gpu
+            job,
+            name=name,
+            local_dir=RUNS,
+            num_workers=p.finetune.num_workers,
+            use_gpu=use_gpu,
+            progress=relay,
         )
     if result.error is not None:
         raise result.error
