@@ -272,7 +272,10 @@ def stage_run(flow, params_path: str, kwargs: dict) -> Iterator[tuple[Callable[[
 
         watch.flow_run_id = reporter.flow_run_id = flow_run.id
         result = flow.fn(*args, **kw)
-        publish_outputs(stage, item, params_path)
+        try:
+            publish_outputs(stage, item, params_path)
+        except Exception as err:  # the outputs are written: a UI extra must not fail the stage
+            log.warning("could not publish %s's results as artifacts: %s", stage, err)
         return result
 
     visible = flow.with_options()
