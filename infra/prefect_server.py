@@ -190,7 +190,9 @@ def shared(home: Path, *, idle_stop: float | None = None, timeout: float = START
         api_url = start(PrefectServer(home=home, port=port), timeout=timeout)
         if idle_stop is None:
             idle_stop = float(os.environ.get("VREGION_PREFECT_IDLE_STOP", IDLE_STOP))
+        pid = running_state(home)["pid"]
         watch = [sys.executable, "-m", "infra.prefect_server", "watch", str(home), str(idle_stop)]
+        watch += [str(pid), str(port)]
         process.spawn(watch, log_path=home / "watchdog.log", env=_watchdog_env())
         return api_url
 
@@ -214,12 +216,18 @@ def busy(api_url: str) -> bool:
         return bool(json.loads(response.read()))
 
 
-def watch(home: Path, idle_stop: float, poll: float = 10.0) -> None:
-    """Stop the server running from `home` once no flow run has run for `idle_stop` seconds."""
-    last_busy, started = time.monotonic(), running_state(home)
+def watch(home: Path, idle_stop: float, pid: int, port: int, poll: float = 10.0) -> None:
+    """Stop the server `pid` (on `port`) running from `home` once no flow run has run for
+    `idle_stop` seconds, or once `home` is deleted (a DVC experiment's temporary workspace)."""
+    last_busy = time.monotonic()
+    started = {"pid": pid, "marker": f"server start --host {HOST} --port {port}"}
     while True:
         state = running_state(home)
-        if state is None or started is None or state["pid"] != started["pid"]:
+        if state is None and not home.exists():
+            members = process.owned_group(started["pid"], started["marker"])
+            process.terminate(members, timeout=STOP_TIMEOUT)
+            return
+        if state is None or state["pid"] != started["pid"]:
             return  # stopped, or replaced by a server someone else started: not ours to stop
         try:
             if busy(state["api_url"]):
@@ -232,8 +240,8 @@ def watch(home: Path, idle_stop: float, poll: float = 10.0) -> None:
         time.sleep(min(poll, idle_stop))
 
 
-if __name__ == "__main__":  # python -m infra.prefect_server watch HOME IDLE_SECONDS
-    if sys.argv[1:2] == ["watch"] and len(sys.argv) == 4:
-        watch(Path(sys.argv[2]), float(sys.argv[3]))
+if __name__ == "__main__":  # python -m infra.prefect_server watch HOME IDLE_SECONDS PID PORT
+    if sys.argv[1:2] == ["watch"] and len(sys.argv) == 6:
+        watch(Path(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
     else:
-        sys.exit("usage: python -m infra.prefect_server watch HOME IDLE_SECONDS")
+        sys.exit("usage: python -m infra.prefect_server watch HOME IDLE_SECONDS PID PORT")

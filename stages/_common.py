@@ -9,7 +9,9 @@ import os
 for _key, _value in {
     "HF_HUB_OFFLINE": "1",
     "DVC_NO_ANALYTICS": "1",
-    "PREFECT_HOME": os.path.abspath(".prefect"),
+    # DVC_ROOT: the repo's root, also for a queued experiment running in a temporary copy, so
+    # experiments land in the same Prefect database and server as the repo's own runs.
+    "PREFECT_HOME": os.path.join(os.environ.get("DVC_ROOT") or os.getcwd(), ".prefect"),
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
     "PREFECT_LOGGING_EXTRA_LOGGERS": "vregion",  # library logs show up in the flow run's logs
