@@ -271,7 +271,7 @@ def reproduce(
     logger = get_run_logger()
     cmd = dvc_command(targets, set_params, experiment)
     shown = " ".join(["dvc", *cmd[3:]])
-    env = child_env()
+    env = child_env({"VREGION_RUN_ID": group_id()})  # the stages' runs carry our tag
     logger.info("running `%s` in %s (Prefect API: %s)", shown, repo, env.get("PREFECT_API_URL"))
     code, tail = _stream(cmd, repo, env, logger)
     if code != 0:
@@ -344,7 +344,29 @@ def publish_metrics(repo: str, title: str = "vregion metrics") -> dict:
     create_markdown_artifact(
         markdown=markdown, key=METRICS_ARTIFACT, description="`dvc metrics show` after the run"
     )
+    summary = Path(repo, "reports", "summary.md")
+    if summary.is_file():  # the report stage's page, on the pipeline's run too
+        create_markdown_artifact(
+            markdown=summary.read_text(), key="vregion-summary", description="reports/summary.md"
+        )
     return metrics
+
+
+def group_id() -> str:
+    """`run:<id>` groups this pipeline run and its stages' runs in the UI (one tag filter):
+    VREGION_RUN_ID if set (a sweep names its experiment), else `pipeline-<flow run id>`."""
+    from prefect.runtime import flow_run
+
+    return os.environ.get("VREGION_RUN_ID") or f"pipeline-{str(flow_run.id)[:8]}"
+
+
+def tag_this_run() -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_run.id)
+        client.update_flow_run(flow_run.id, tags=[*run.tags, "vregion", f"run:{group_id()}"])
 
 
 @flow(name="vregion-pipeline", log_prints=True)
@@ -369,6 +391,7 @@ def pipeline(
     Returns {metrics file: {metric: value}}.
     """
     logger = get_run_logger()
+    tag_this_run()
     repo = str(Path(repo).resolve())
     name = remote or default_remote(repo)
     if push is None:

@@ -12,8 +12,11 @@ is `server.log` there, its pid `server.pid` (the file `prefect server stop` read
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,3 +162,86 @@ def running_state(home: Path) -> dict | None:
     if state and process.owned_group(state["pid"], state["marker"]):
         return state
     return None
+
+
+# --- The server the stages of a run share -----------------------------------------------------
+# Without PREFECT_API_URL each stage used to start an ephemeral server of its own (~12 s) in the
+# stage's process group, so Ctrl-C in a terminal killed it before the stage could report its
+# state. `shared()` starts one server per PREFECT_HOME in its own session instead (Ctrl-C does
+# not reach it), reuses it across stages, and a watchdog stops it once idle.
+
+IDLE_STOP = 600.0  # s without a running flow run before an auto-started server stops itself
+
+
+def shared(home: Path, *, idle_stop: float | None = None, timeout: float = START_TIMEOUT) -> str:
+    """The API URL of the server running from `home` (one `python -m infra prefect start`
+    started, or an earlier stage), else start one on 4200 (a free port if taken) with a watchdog
+    that stops it after `idle_stop` s without a running flow run (env VREGION_PREFECT_IDLE_STOP)."""
+    import fcntl
+
+    process.private_dir(home)
+    with open(home / "server.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # stages of parallel experiments start one server
+        running = running_state(home)
+        if running is not None:
+            if process.wait_until(lambda: healthy(running["api_url"]), timeout=timeout):
+                return running["api_url"]
+        port = DEFAULT_PORT if not process.port_in_use(DEFAULT_PORT) else process.free_ports(1)[0]
+        api_url = start(PrefectServer(home=home, port=port), timeout=timeout)
+        if idle_stop is None:
+            idle_stop = float(os.environ.get("VREGION_PREFECT_IDLE_STOP", IDLE_STOP))
+        pid = running_state(home)["pid"]
+        watch = [sys.executable, "-m", "infra.prefect_server", "watch", str(home), str(idle_stop)]
+        watch += [str(pid), str(port)]
+        process.spawn(watch, log_path=home / "watchdog.log", env=_watchdog_env())
+        return api_url
+
+
+def _watchdog_env() -> dict[str, str]:
+    env = dict(os.environ)
+    root = str(process.PROJECT_ROOT)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def busy(api_url: str) -> bool:
+    """True if a flow run is Pending or Running on the server."""
+    body = json.dumps(
+        {"flow_runs": {"state": {"type": {"any_": ["RUNNING", "PENDING"]}}}, "limit": 1}
+    ).encode()
+    request = urllib.request.Request(
+        api_url + "/flow_runs/filter", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return bool(json.loads(response.read()))
+
+
+def watch(home: Path, idle_stop: float, pid: int, port: int, poll: float = 10.0) -> None:
+    """Stop the server `pid` (on `port`) running from `home` once no flow run has run for
+    `idle_stop` seconds, or once `home` is deleted (a DVC experiment's temporary workspace)."""
+    last_busy = time.monotonic()
+    started = {"pid": pid, "marker": f"server start --host {HOST} --port {port}"}
+    while True:
+        state = running_state(home)
+        if state is None and not home.exists():
+            members = process.owned_group(started["pid"], started["marker"])
+            process.terminate(members, timeout=STOP_TIMEOUT)
+            return
+        if state is None or state["pid"] != started["pid"]:
+            return  # stopped, or replaced by a server someone else started: not ours to stop
+        try:
+            if busy(state["api_url"]):
+                last_busy = time.monotonic()
+        except OSError:
+            pass
+        if time.monotonic() - last_busy > idle_stop:
+            stop(home)
+            return
+        time.sleep(min(poll, idle_stop))
+
+
+if __name__ == "__main__":  # python -m infra.prefect_server watch HOME IDLE_SECONDS PID PORT
+    if sys.argv[1:2] == ["watch"] and len(sys.argv) == 6:
+        watch(Path(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+    else:
+        sys.exit("usage: python -m infra.prefect_server watch HOME IDLE_SECONDS PID PORT")

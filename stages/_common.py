@@ -9,7 +9,9 @@ import os
 for _key, _value in {
     "HF_HUB_OFFLINE": "1",
     "DVC_NO_ANALYTICS": "1",
-    "PREFECT_HOME": os.path.abspath(".prefect"),
+    # DVC_ROOT: the repo's root, also for a queued experiment running in a temporary copy, so
+    # experiments land in the same Prefect database and server as the repo's own runs.
+    "PREFECT_HOME": os.path.join(os.environ.get("DVC_ROOT") or os.getcwd(), ".prefect"),
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
     "PREFECT_LOGGING_EXTRA_LOGGERS": "vregion",  # library logs show up in the flow run's logs
@@ -70,7 +72,8 @@ def run_stage(
     positional: tuple[str, str] | None = None,
 ) -> int:
     """`python -m stages.X [ARG] [--params params.yaml]`: run the flow; bad config or bad input
-    data exits 2 with the fix. `positional` = (name, help) of one argument passed to the flow."""
+    data exits 2 with the fix, Ctrl-C exits 130 with the run marked Cancelled at the step it
+    reached. `positional` = (name, help) of one argument passed to the flow."""
     from vregion.data.llava_format import DataFileError
 
     parser = argparse.ArgumentParser(
@@ -90,8 +93,20 @@ def run_stage(
     logging.getLogger("prefect.flow_runs").addFilter(_ActionableErrorsWithoutTraceback(actionable))
     try:
         load_params(args.params)  # fail fast, before a Prefect server is started for nothing
-        flow(params=args.params, **kwargs)
     except actionable as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from stages import _visible
+
+    with _visible.stage_run(flow, args.params, kwargs) as (run, watch):
+        try:
+            run()
+        except actionable as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        # Ctrl-C: a KeyboardInterrupt, or during Ray Train's fit() a SystemExit (its SIGINT
+        # handler aborts the run and calls sys.exit; no stage calls it).
+        except (KeyboardInterrupt, SystemExit):
+            watch.interrupted()
+            return 130
     return 0

@@ -20,13 +20,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from prefect import flow
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 
 from stages._common import log, run_stage, write_csv, write_json
 from vregion.config import ConfigError, DataMix, Params, load_params
 from vregion.data.dataset import balanced_parts, resolve_mix, total_steps
 from vregion.devices import gpu_available, pick_device, resolve_precision
-from vregion.distributed import forget_run, local_ray
+from vregion.distributed import forget_run, local_ray, progress_relay
 from vregion.eval.visual import visual_accuracy
 from vregion.models.loading import load_lvlm
 from vregion.plots import accuracy_chart, note_chart
@@ -165,6 +166,37 @@ def check_vision(p: Params) -> tuple[str, dict]:
     return "answer_loss", {"overall": {"loss": round(loss, 5), "blind": round(blind, 5), "n": n}}
 
 
+# The phases are tasks, so the run page shows where the time went.
+@task(name="train", cache_policy=NO_CACHE)
+def train(job: FinetuneJob, name: str, num_workers: int, use_gpu: bool):
+    """The loop on Ray Train workers; rank 0's steps reach this run through the relay."""
+    with (
+        tempfile.TemporaryDirectory(prefix="vr", dir="/tmp") as ray_tmp,
+        local_ray(ray_tmp),
+        progress_relay() as relay,
+    ):
+        result = run_finetune(
+            job,
+            name=name,
+            local_dir=RUNS,
+            num_workers=num_workers,
+            use_gpu=use_gpu,
+            progress=relay,
+        )
+    if result.error is not None:
+        raise result.error
+    return result
+
+
+@task(name="export", cache_policy=NO_CACHE)
+def export(job: FinetuneJob, result, name: str) -> dict:
+    shutil.rmtree(OUT, ignore_errors=True)
+    with result.checkpoint.as_directory() as ckpt:
+        exported = export_tuned(job, ckpt, OUT)
+    forget_run(name, RUNS)  # exported: a later run with this name must start afresh
+    return exported
+
+
 @flow(name="finetune", log_prints=True)
 def finetune(params: str = "params.yaml") -> dict:
     p = load_params(params)
@@ -174,21 +206,13 @@ def finetune(params: str = "params.yaml") -> dict:
     print(
         f"finetune: {job.mode} on layers {job.layers}, run {name}, {p.finetune.num_workers} worker(s)"
     )
-    with tempfile.TemporaryDirectory(prefix="vr", dir="/tmp") as ray_tmp, local_ray(ray_tmp):
-        result = run_finetune(
-            job, name=name, local_dir=RUNS, num_workers=p.finetune.num_workers, use_gpu=use_gpu
-        )
-    if result.error is not None:
-        raise result.error
-    shutil.rmtree(OUT, ignore_errors=True)
-    with result.checkpoint.as_directory() as ckpt:
-        exported = export_tuned(job, ckpt, OUT)
-    forget_run(name, RUNS)  # exported: a later run with this name must start afresh
+    result = train(job, name, p.finetune.num_workers, use_gpu)
+    exported = export(job, result, name)
     curve = exported["curve"]
     records = len(job_dataset(job, None))
     metrics = train_metrics(result.metrics, curve, job, use_gpu, records)
     write_csv(CURVE, [{"step": r["step"], "loss": r["loss"], "lr": r["lr"]} for r in curve])
-    measure, held_out = check_vision(p)
+    measure, held_out = task(check_vision, name="held-out-check", cache_policy=NO_CACHE)(p)
     metrics[measure] = held_out
     if measure == "visual":
         write_csv(

@@ -16,6 +16,9 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.pop("PREFECT_API_URL", None)
+# Stages run as subprocesses share one Prefect server per PREFECT_HOME (infra.prefect_server.
+# shared); in tests it stops after a minute without a flow run, the session's at the end.
+os.environ["VREGION_PREFECT_IDLE_STOP"] = "60"
 
 import pytest  # noqa: E402
 
@@ -56,3 +59,12 @@ def tiny_embedded_dir(tmp_path_factory):
     )
     metrics = build_embedded(cfg, out, max_objects=3)
     return out, metrics
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Stop the Prefect server that stage subprocesses started in the session's PREFECT_HOME."""
+    from pathlib import Path
+
+    from infra import prefect_server
+
+    prefect_server.stop(Path(os.environ["PREFECT_HOME"]))

@@ -3,6 +3,7 @@ tests' sandbox (the real dvc.yaml, stages and library, the `embedded-tiny` model
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -72,10 +73,67 @@ def pipeline_env(repo: Path) -> dict:
     return env
 
 
+def prefect_api(repo: Path) -> str:
+    """The API of the Prefect server the repo's stages share (started by the first stage)."""
+    return json.loads((repo / ".prefect" / "server.json").read_text())["api_url"]
+
+
+def stop_prefect(repo: Path) -> None:
+    from infra import prefect_server
+
+    assert prefect_server.stop(repo / ".prefect")
+
+
+def flow_runs(api: str, tag: str | None = None) -> list[dict]:
+    """The server's flow runs (those with `tag`), newest first: flow name, state type and
+    message, tags, log messages, and artifacts (key, type, data, description)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterTags,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+    from prefect.client.schemas.sorting import FlowRunSort, LogSort
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    runs = []
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        flows = {f.id: f.name for f in client.read_flows()}
+        selected = FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])) if tag else None
+        for run in client.read_flow_runs(
+            flow_run_filter=selected, sort=FlowRunSort.START_TIME_DESC, limit=200
+        ):
+            logs = client.read_logs(
+                LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])),
+                sort=LogSort.TIMESTAMP_ASC,
+                limit=200,
+            )
+            artifacts = client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
+            )
+            runs.append(
+                {
+                    "flow": flows[run.flow_id],
+                    "state": run.state_type.value,
+                    "message": run.state.message if run.state else None,
+                    "tags": run.tags,
+                    "logs": [(log.name, log.message) for log in logs],
+                    "artifacts": {
+                        a.key: {"type": a.type, "data": a.data, "description": a.description}
+                        for a in artifacts
+                    },
+                }
+            )
+    return runs
+
+
 def make_pipeline_repo(repo: Path) -> Path:
     for name in ("dvc.yaml", "params.yaml", ".gitignore"):
         shutil.copy(ROOT / name, repo / name)
-    for name in ("stages", "vregion"):
+    for name in ("stages", "vregion", "infra"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((repo / "params.yaml").read_text())
     (repo / "params.yaml").write_text(yaml.safe_dump(merge(params, TINY_PARAMS), sort_keys=False))

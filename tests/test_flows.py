@@ -127,6 +127,11 @@ def test_pipeline_and_each_stage_are_completed_runs_in_the_same_api(pushed):
     seen = {(flows[r.flow_id], r.state_type.value) for r in runs}
     for name in ("vregion-pipeline", "base", "prepare"):
         assert (name, "COMPLETED") in seen, sorted(seen)
+    # One tag groups the pipeline's run with its stages' runs: one filter in the UI.
+    (pipeline_run,) = [r for r in runs if flows[r.flow_id] == "vregion-pipeline"]
+    (group,) = [t for t in pipeline_run.tags if t.startswith("run:pipeline-")]
+    grouped = sorted(flows[r.flow_id] for r in runs if group in r.tags)
+    assert grouped == ["base", "prepare", "vregion-pipeline"], grouped
 
 
 def test_metrics_artifact_is_a_markdown_table(pushed):

@@ -16,7 +16,17 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pipeline_repo import DVC, TINY_PARAMS, make_pipeline_repo, merge, pipeline_env, run
+from pipeline_repo import (
+    DVC,
+    TINY_PARAMS,
+    flow_runs,
+    make_pipeline_repo,
+    merge,
+    pipeline_env,
+    prefect_api,
+    run,
+    stop_prefect,
+)
 
 STAGES = (
     "base",
@@ -35,13 +45,20 @@ def _run(cmd: list[str], cwd: Path, env: dict, timeout: int = 600) -> str:
     return run(cmd, cwd, env, timeout)
 
 
+LOG_EVERY = 2  # a progress line every 2 steps (and the first and last)
+
+
 @pytest.fixture(scope="module")
 def pipeline_repo(tmp_path_factory):
     repo = make_pipeline_repo(tmp_path_factory.mktemp("pipeline"))
-    env = pipeline_env(repo)
+    env = {**pipeline_env(repo), "VREGION_LOG_EVERY": str(LOG_EVERY)}
     dvc = DVC
-    first = _run([*dvc, "repro"], repo, env, timeout=1200)
-    return repo, env, dvc, first
+    try:  # the first stage starts the Prefect server the stages share
+        first = _run([*dvc, "repro"], repo, env, timeout=1200)
+        yield repo, env, dvc, first
+    finally:
+        if (repo / ".prefect" / "server.json").is_file():
+            stop_prefect(repo)
 
 
 def test_repro_builds_every_stage(pipeline_repo):
@@ -64,6 +81,57 @@ def test_repro_builds_every_stage(pipeline_repo):
     assert (repo / "data" / "quarantine.json").is_file()
 
 
+METRICS = {
+    "base": "metrics/base.json",
+    "prepare": "metrics/prepare.json",
+    "align": "metrics/align.json",
+    "probe": "metrics/probe.json",
+    "region": "metrics/region.json",
+    "finetune": "metrics/train.json",
+    "prune": "metrics/prune.json",
+    "evaluate": "metrics/eval.json",
+}
+
+
+def _rows(obj, prefix: str = "") -> dict:
+    """A metrics file as the table artifact's rows: `a.b` keys, lists as JSON text."""
+    if isinstance(obj, dict):
+        return {k: v for key, val in obj.items() for k, v in _rows(val, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: json.dumps(obj) if isinstance(obj, list) else obj}
+
+
+def test_the_repro_is_one_picture_in_prefect(pipeline_repo):
+    """Read back through the Prefect API: the repro's runs under one tag, a metrics table per
+    stage equal to its metrics file, finetune progress at 100% and the Ray worker's step lines."""
+    repo, _, _, _ = pipeline_repo
+    api = prefect_api(repo)
+    (base,) = [r for r in flow_runs(api) if r["flow"] == "base"]  # base runs once per repo
+    (tag,) = [t for t in base["tags"] if t.startswith("run:repro-")]
+    runs = {r["flow"]: r for r in flow_runs(api, tag)}
+    assert sorted(runs) == sorted(STAGES) and len(flow_runs(api, tag)) == len(STAGES)
+    for stage, path in METRICS.items():
+        table = runs[stage]["artifacts"][f"{stage}-metrics"]
+        assert table["type"] == "table", table
+        rows = json.loads(table["data"]) if isinstance(table["data"], str) else table["data"]
+        expected = _rows(json.loads((repo / path).read_text()))
+        assert {row["metric"]: row["value"] for row in rows} == expected, stage
+    summary = runs["report"]["artifacts"]["report-summary"]
+    assert summary["data"] == (repo / "reports" / "summary.md").read_text()
+    assert "data:image/png;base64," in runs["finetune"]["artifacts"]["finetune-plots"]["data"]
+
+    finetune = runs["finetune"]
+    steps = TINY_PARAMS["finetune"]["steps"]
+    worker = finetune["artifacts"]["finetune-worker-0"]
+    assert worker["type"] == "progress" and float(worker["data"]) == 100.0, worker
+    assert f"step {steps}/{steps}" in worker["description"]
+    lines = [m for name, m in finetune["logs"] if m.startswith("finetune (worker 0): step ")]
+    logged = {int(m.split("step ")[1].split("/")[0]) for m in lines}
+    assert logged == {1, steps} | set(range(LOG_EVERY, steps + 1, LOG_EVERY)), lines
+    assert all(" loss " in m and " lr " in m and " s/step ETA " in m for m in lines), lines
+    for stage, phase in (("base", "base-pretrain-vision-tower"), ("align", "align-projector")):
+        assert float(runs[stage]["artifacts"][phase]["data"]) == 100.0, runs[stage]["artifacts"]
+
+
 def test_second_repro_does_nothing_and_a_param_reruns_only_its_stage(pipeline_repo):
     repo, env, dvc, _ = pipeline_repo
     again = _run([*dvc, "repro"], repo, env)
@@ -83,22 +151,10 @@ def test_second_repro_does_nothing_and_a_param_reruns_only_its_stage(pipeline_re
 
 
 def test_each_stage_is_a_completed_prefect_flow_run(pipeline_repo):
-    repo, env, _, _ = pipeline_repo
-    script = (
-        "import asyncio\n"
-        "from prefect.client.orchestration import get_client\n"
-        "from prefect.client.schemas.sorting import FlowRunSort\n"
-        "async def main():\n"
-        "    async with get_client() as c:\n"
-        "        runs = await c.read_flow_runs(limit=100, sort=FlowRunSort.START_TIME_DESC)\n"
-        "        flows = {f.id: f.name for f in await c.read_flows()}\n"
-        "        for r in runs: print(flows[r.flow_id], r.state_type.value)\n"
-        "asyncio.run(main())\n"
-    )
-    out = _run([sys.executable, "-c", script], repo, env)
-    seen = {tuple(line.split()) for line in out.splitlines() if line.strip()}
+    repo, _, _, _ = pipeline_repo
+    seen = {(r["flow"], r["state"]) for r in flow_runs(prefect_api(repo))}
     for stage in STAGES:
-        assert (stage, "COMPLETED") in seen, out
+        assert (stage, "COMPLETED") in seen, seen
 
 
 def test_checkpoints_load_with_plain_transformers(pipeline_repo):

@@ -15,8 +15,14 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from pipeline_repo import flow_runs
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def session_prefect_api() -> str:
+    home = Path(os.environ["PREFECT_HOME"])  # the test session's (conftest)
+    return json.loads((home / "server.json").read_text())["api_url"]
 
 
 def test_wrong_config_value_exits_2_and_names_the_field(tmp_path):
@@ -143,7 +149,8 @@ def test_ingest_of_an_unusable_file_exits_2_and_writes_no_records(
     (tmp_path / "bad.jsonl").write_text(content)
     params = {"data": {"sources": {"bad": {"records": "bad.jsonl", "image_root": "images"}}}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path / ".prefect")}
+    # The session's PREFECT_HOME (conftest): the cases share the server the first one starts.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VREGION_RUN_ID": tmp_path.name}
     proc = subprocess.run(
         [sys.executable, "-m", "stages.ingest", "bad"],
         cwd=tmp_path,
@@ -156,6 +163,11 @@ def test_ingest_of_an_unusable_file_exits_2_and_writes_no_records(
     assert "bad.jsonl" in proc.stderr and says in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "data/sources/bad/records.jsonl").exists()
+    # The flow run says the same: failed, with the file and the fix in its state message.
+    (failed,) = flow_runs(session_prefect_api(), f"run:{tmp_path.name}")
+    assert failed["flow"] == "ingest" and failed["state"] == "FAILED", failed
+    assert "bad.jsonl" in failed["message"] and says in failed["message"], failed["message"]
+    assert not any("Traceback" in message for _, message in failed["logs"]), failed["logs"]
 
 
 def test_region_refuses_a_region_larger_than_the_model_and_writes_nothing(

@@ -88,3 +88,65 @@ def forget_run(name: str, local_dir: str | Path, environ=None) -> None:
             fs.delete_dir(settings.path("ray", name))
         return
     shutil.rmtree(Path(local_dir) / name, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def progress_relay() -> Iterator[object]:
+    """A Ray queue through which Ray Train workers send their progress events to this
+    process's reporters (`vregion.progress`): the workers' own logs never reach the driver's
+    orchestrator. Pass the yielded queue to `worker_progress` in the worker."""
+    import contextvars
+    import queue as stdlib_queue
+    import threading
+
+    from ray.util.queue import Queue
+
+    from vregion import progress
+
+    relay = Queue(maxsize=10_000)
+    stop = threading.Event()
+
+    def drain() -> None:
+        while True:
+            try:
+                event = relay.get(timeout=0.5)
+            except stdlib_queue.Empty:
+                if stop.is_set():
+                    return
+                continue
+            except Exception:  # the queue's actor is gone (Ray shutting down)
+                return
+            progress.emit(event)
+
+    # The reporters run in the caller's context (e.g. inside its flow run), on this thread.
+    thread = threading.Thread(
+        target=contextvars.copy_context().run, args=(drain,), name="progress-relay", daemon=True
+    )
+    thread.start()
+    try:
+        yield relay
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def worker_progress(relay, every: int, min_interval: float = 2.0):
+    """A reporter for a Ray Train worker: forwards its events through `relay`, each line-worthy
+    one (`log_due`) and others at most every `min_interval` s; never blocks the training loop."""
+    import time
+
+    from vregion import progress
+
+    last = 0.0
+
+    def forward(event: dict) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if progress.log_due(event, every) or now - last >= min_interval:
+            last = now
+            try:
+                relay.put_nowait(event)
+            except Exception:  # a full or vanished queue costs a progress update, not the run
+                pass
+
+    return forward

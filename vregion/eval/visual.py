@@ -17,11 +17,11 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from vregion.data.encode import collate, encode_sample, render, to_messages
 from vregion.data.records import Sample
 from vregion.devices import autocast
+from vregion.progress import track
 from vregion.train.loop import ImageSet, take
 
 
@@ -115,7 +115,7 @@ def predict_choices(
     firsts = FirstTokens(processor, system_prompt)
     predictions: list[str] = [""] * len(data)
     model.eval()
-    for start in tqdm(
+    for start in track(
         range(0, len(data), batch_size),
         total=math.ceil(len(data) / batch_size),
         desc=desc,
@@ -270,7 +270,7 @@ def generated_answers(
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
     model.eval()
-    for start in tqdm(range(0, len(data), batch_size), desc=desc, unit="batch", leave=False):
+    for start in track(range(0, len(data), batch_size), desc=desc, unit="batch", leave=False):
         sl = slice(start, start + batch_size)
         batch = prompt_batch(processor, data.samples[sl], images[sl], system_prompt)
         batch = {k: v.to(device) for k, v in batch.items()}

@@ -15,10 +15,10 @@ import random
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from vregion.data import synthetic
 from vregion.devices import autocast
+from vregion.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def pretrain_tower(
     rng = random.Random(seed)
     tower.train()
     loss_fn = nn.CrossEntropyLoss()
-    bar = tqdm(range(steps), desc="pretrain vision tower", unit="step")
+    bar = track(range(steps), desc="pretrain vision tower", unit="step")
     for _ in bar:
         idx = torch.tensor(rng.sample(range(len(pixels)), batch_size))
         with autocast(precision, device):
@@ -130,7 +130,7 @@ def pretrain_tower(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.note(loss=loss.item())
     after = patch_accuracy(tower, heads, eval_pixels, eval_labels)
     tower.eval()
     metrics = {f"before_{k}": v for k, v in before.items()}

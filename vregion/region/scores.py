@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from vregion.models.layer_map import LayerMap, layer_index, layer_map, llm_layer_names
+from vregion.progress import track
 from vregion.train.loop import answer_nll
 
 Batch = Mapping[str, object]
@@ -303,7 +303,7 @@ def _probe_pass(
                 handle = _attention_module(layer, idx).register_forward_hook(attention_share)
                 stack.callback(handle.remove)
         with torch.inference_mode(), _eval_mode(model):
-            for batch in tqdm(batches, desc="scoring layers", unit="batch", leave=False):
+            for batch in track(batches, desc="scoring layers", unit="batch", leave=False):
                 inputs, state["masks"] = _prepare(batch, lm, device, need_image=multimodal)
                 model(**inputs)
     return tallies
@@ -387,7 +387,7 @@ def layer_ablation(model: nn.Module, batches: Iterable[Batch]) -> list[float]:
     lm = layer_map(model)
     baseline = _answer_loss(model, batches)
     increases = []
-    for layer in tqdm(lm.layers, desc="layer ablation", unit="layer"):
+    for layer in track(lm.layers, desc="layer ablation", unit="layer"):
         with skipped_layer(layer):
             increases.append(_answer_loss(model, batches) - baseline)
     return increases

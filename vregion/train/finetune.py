@@ -20,6 +20,7 @@ import torch
 from vregion.config import DataMix
 from vregion.data.dataset import RecordDataset, resolve_mix, training_loader
 from vregion.devices import peak_memory_mb, resolve_precision
+from vregion.progress import log_every
 from vregion.train.loop import train_steps
 from vregion.train.selective import (
     LoraSettings,
@@ -121,6 +122,11 @@ def finetune_worker(config: dict) -> None:
         torch.set_num_threads(config["threads"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if config.get("progress") is not None and rank == 0:  # ranks step together: one reports
+        from vregion import progress
+        from vregion.distributed import worker_progress
+
+        progress.reporters.append(worker_progress(config["progress"], config["log_every"]))
     device = ray.train.torch.get_device()
     torch.manual_seed(job.seed)
     model, processor = build_trainable(job, device)
@@ -217,6 +223,7 @@ def run_finetune(
     cpus_per_worker: int | None = None,
     placement_strategy: str = "PACK",
     max_failures: int = 2,
+    progress=None,
 ):
     """Run `train_fn` (the finetune loop) on a TorchTrainer; returns the Ray `Result`.
 
@@ -224,7 +231,8 @@ def run_finetune(
     each worker gets `cpus_per_worker` cores (default: the Ray cluster's CPUs split evenly).
     `placement_strategy="SPREAD"` puts the workers on different nodes where it can. A worker
     group that fails (a worker or its node lost) restarts from the latest checkpoint up to
-    `max_failures` times.
+    `max_failures` times. `progress`: a `vregion.distributed.progress_relay()` queue for rank
+    0's progress events.
     """
     import ray
     from ray.train import ScalingConfig
@@ -239,7 +247,12 @@ def run_finetune(
         resources = {"CPU": threads}
     trainer = TorchTrainer(
         train_fn,
-        train_loop_config={"job": asdict(job), "threads": threads},
+        train_loop_config={
+            "job": asdict(job),
+            "threads": threads,
+            "progress": progress,
+            "log_every": log_every(),
+        },
         scaling_config=ScalingConfig(
             num_workers=num_workers,
             use_gpu=use_gpu,

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from vregion.data.encode import IGNORE_INDEX, collate
 from vregion.data.records import Sample
 from vregion.devices import autocast
+from vregion.progress import track
 
 
 class LazyImages(Sequence):
@@ -162,7 +162,7 @@ def mean_answer_loss(
     model.eval()
     total, count = 0.0, 0
     n_batches = math.ceil(len(data) / batch_size)
-    for batch in tqdm(
+    for batch in track(
         batches_of(processor, data, system_prompt, batch_size, images),
         total=n_batches,
         desc=desc,
@@ -225,7 +225,7 @@ def train_steps(
     stream = iter(batches)
     curve: list[dict] = []
     model.train()
-    bar = tqdm(
+    bar = track(
         range(start_step + 1, steps + 1), desc=desc, unit="step", initial=start_step, total=steps
     )
     for step in bar:
@@ -251,6 +251,6 @@ def train_steps(
         curve.append(row)
         if on_step is not None:
             on_step(row, optimizer, scheduler)
-        bar.set_postfix(loss=f"{step_loss:.3f}")
+        bar.note(loss=step_loss, lr=row["lr"])
     model.eval()
     return curve
