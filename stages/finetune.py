@@ -24,7 +24,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from stages._common import log, run_stage, write_csv, write_json
-from vregion.config import ConfigError, DataMix, Params, load_params
+from vregion.config import ConfigError, DataMix, FinetuneConfig, Params, load_params
 from vregion.data.dataset import balanced_parts, resolve_mix, total_steps
 from vregion.devices import gpu_available, pick_device, resolve_precision
 from vregion.distributed import forget_run, local_ray, progress_relay
@@ -168,7 +168,7 @@ def check_vision(p: Params) -> tuple[str, dict]:
 
 # The phases are tasks, so the run page shows where the time went.
 @task(name="train", cache_policy=NO_CACHE)
-def train(job: FinetuneJob, name: str, num_workers: int, use_gpu: bool):
+def train(job: FinetuneJob, name: str, f: FinetuneConfig, use_gpu: bool):
     """The loop on Ray Train workers; rank 0's steps reach this run through the relay."""
     with (
         tempfile.TemporaryDirectory(prefix="vr", dir="/tmp") as ray_tmp,
@@ -179,8 +179,10 @@ def train(job: FinetuneJob, name: str, num_workers: int, use_gpu: bool):
             job,
             name=name,
             local_dir=RUNS,
-            num_workers=num_workers,
+            num_workers=f.num_workers,
             use_gpu=use_gpu,
+            placement_strategy=f.placement,
+            max_failures=f.max_failures,
             progress=relay,
         )
     if result.error is not None:
@@ -206,7 +208,7 @@ def finetune(params: str = "params.yaml") -> dict:
     print(
         f"finetune: {job.mode} on layers {job.layers}, run {name}, {p.finetune.num_workers} worker(s)"
     )
-    result = train(job, name, p.finetune.num_workers, use_gpu)
+    result = train(job, name, p.finetune, use_gpu)
     exported = export(job, result, name)
     curve = exported["curve"]
     records = len(job_dataset(job, None))

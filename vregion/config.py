@@ -379,6 +379,12 @@ class FinetuneConfig(Section):
     device). Checkpoints and exports are unsharded either way."""
     use_gpu: Literal["auto", True, False] = "auto"
     """Give each worker a GPU; `auto`: when this machine has CUDA."""
+    placement: Literal["PACK", "SPREAD"] = "PACK"
+    """Ray placement of the workers: `PACK` fills one node first, `SPREAD` puts them on
+    different nodes where it can (each node then reads its own share of the data)."""
+    max_failures: int = Field(2, ge=0)
+    """A worker group that fails (a worker or its node lost) restarts from the latest
+    checkpoint this many times before the stage fails."""
     checkpoint_every: int = Field(50, ge=1)
     """Steps between checkpoints (trainable weights + optimizer), where a rerun resumes."""
     eval_samples: int | None = Field(300, ge=6)
