@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 
 import numpy as np
 import pytest
@@ -161,3 +162,32 @@ def test_loader_batches_are_identical_with_worker_processes_and_after_resume(
     assert inline[0]["labels"].shape == inline[0]["input_ids"].shape
     with_images = [b for b in inline if "pixel_values" in b]
     assert with_images and all(b["pixel_values"].shape[1:] == (3, 64, 64) for b in with_images)
+
+
+def test_loader_worker_exits_cleanly_when_its_parent_has_thread_exit_callbacks(
+    records, tiny_processor
+):
+    """A stage runs inside a Prefect flow, whose log shipper registers a thread-exit callback;
+    a forked worker that ran it exited 1 on shutdown ("worker exited unexpectedly")."""
+    import threading
+
+    from vregion.data.dataset import Part
+
+    parent = os.getpid()
+
+    def fails_outside_its_process():
+        if os.getpid() != parent:
+            raise RuntimeError("a callback of the parent's threads, run in a forked worker")
+
+    path, images, _ = records
+    ds = RecordDataset([Part("a", str(path), str(images), np.arange(30))], tiny_processor, SYSTEM)
+    threading._register_atexit(fails_outside_its_process)
+    try:
+        it = iter(training_loader(ds, 4, device=torch.device("cpu"), workers=1))
+        next(it)
+        (worker,) = it._workers
+        it._shutdown_workers()  # what the loader does when training stops before its data ends
+    finally:
+        callbacks = threading._threading_atexits  # each wrapped in a functools.partial
+        callbacks[:] = [c for c in callbacks if c.func is not fails_outside_its_process]
+    assert worker.exitcode == 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -291,6 +292,10 @@ class ShardedBatchSampler(torch.utils.data.Sampler):
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # the loader's processes must not compete with the model's threads
+    # A forked worker inherits the parent's thread-exit callbacks (an orchestrator's log
+    # shipper registers one); run in the worker they fail against threads it does not have,
+    # and the worker exits 1 when the loader shuts it down ("worker exited unexpectedly").
+    threading._threading_atexits.clear()
 
 
 def loader_workers(workers: int | str, device: torch.device) -> int:
