@@ -135,7 +135,10 @@ def finetune_worker(config: dict) -> None:
     curve: list[dict] = []  # the whole loss curve travels with each checkpoint
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as d:
+        # A directory of this worker's own: `as_directory()` shares one per node, and a second
+        # worker there may download into it again while the first is still reading.
+        with tempfile.TemporaryDirectory(prefix="vr-resume-") as d:
+            checkpoint.to_directory(d)
             saved = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
         model.load_state_dict(saved["weights"], strict=False)
         start_step, resume = (
