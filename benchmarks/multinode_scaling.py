@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     one, two = results
     report = {
         "benchmark": "multinode_scaling",
-        "model": aligned,
+        "model": args.aligned,  # as given (relative to the repo by default), not this machine's path
         "layers": job.layers,
         "mode": "region LoRA r16 + projector, fp32, answer-token loss",
         "cluster": "2 Ray nodes on 127.0.0.1 (1 CPU each), gloo",
