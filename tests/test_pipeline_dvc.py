@@ -332,6 +332,9 @@ def test_evaluate_reads_both_harnesses_figures_from_their_results_files(harness_
         status = ev["harnesses"][harness]
         assert status["status"] == "ran" and status["version"]
         results = json.loads((repo / status["results_files"]["tuned"]).read_text())["results"]
+        # no trace of this machine's directories in the results' names (lm-eval names its
+        # folder after the model path it is given)
+        assert str(repo).strip("/").replace("/", "__") not in status["results_files"]["tuned"]
         assert tuned[harness][task][metric] == results[task][f"{metric},none"]
     assert tuned["lmms_eval"]["vregion_vqa"]["n"] == 4  # its `limit`
     # lm-eval's accuracy is vregion's own on the same items (the LVLM's text path)

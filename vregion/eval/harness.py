@@ -212,6 +212,15 @@ def run_harness(
             f"{harness} cannot run here: {', '.join(harness_missing(harness))} not installed "
             "(`make install` installs both harnesses)"
         )
+    workdir.mkdir(parents=True, exist_ok=True)
+    if Path(model_args.get("pretrained", "")).is_absolute():
+        # Both harnesses name their output folder after the model path: a link in the workdir
+        # keeps this machine's directories out of the results' names (removed after the run, so
+        # DVC does not hash the model again inside this output).
+        link = workdir / "model"
+        link.unlink(missing_ok=True)
+        link.symlink_to(model_args["pretrained"], target_is_directory=True)
+        model_args = {**model_args, "pretrained": link.name}
     out = workdir / "output"
     log = workdir / f"{harness}.log"
     cmd = [
@@ -234,7 +243,6 @@ def run_harness(
     ]
     if limit is not None:
         cmd += ["--limit", str(limit)]
-    workdir.mkdir(parents=True, exist_ok=True)
     with log.open("w") as f:
         f.write(" ".join(cmd) + "\n")
         f.flush()
@@ -249,6 +257,8 @@ def run_harness(
             ).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
+        finally:
+            (workdir / "model").unlink(missing_ok=True)
     return read_results(harness, tasks, out, log, rc)
 
 
