@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import re
 import sys
 from pathlib import Path
@@ -54,7 +55,8 @@ def _module_name(path: Path, root: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imported_modules(path: Path, root: Path = ROOT) -> set[str]:
+@functools.cache
+def imported_modules(path: Path, root: Path = ROOT) -> frozenset[str]:
     """Every project module `path` imports anywhere in its source."""
     tree = ast.parse(path.read_text(), filename=str(path))
     package = _module_name(path, root)
@@ -72,7 +74,7 @@ def imported_modules(path: Path, root: Path = ROOT) -> set[str]:
                 base = node.module or ""
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)  # a submodule, or not
-    return {m for m in found if module_file(m, root) is not None}
+    return frozenset(m for m in found if module_file(m, root) is not None)
 
 
 def closure(module: str, root: Path = ROOT) -> set[str]:
