@@ -321,3 +321,22 @@ def test_a_one_line_change_to_any_module_reruns_exactly_its_importers(committed_
             for f, data in before.items():
                 (committed_repo / f).write_bytes(data)
         assert dvc.status() == {}
+
+
+def test_each_stage_cmd_passes_every_path_its_flow_takes():
+    """`dvc repro` runs each flow with all its path parameters, and `python -m stages.X` by
+    hand finds them all in dvc.yaml (read from the source: importing every stage costs torch)."""
+    for stage, module in deps.stage_modules().items():
+        tree = ast.parse(deps.module_file(module).read_text())
+        (flow,) = [
+            n
+            for n in tree.body
+            if isinstance(n, ast.FunctionDef)
+            and any("flow" in ast.unparse(d) for d in n.decorator_list)
+        ]
+        names = [a.arg for a in flow.args.args if a.arg not in ("params", "source")]
+        key = "demo" if stage == "ingest" else None
+        argv = _dvcfile.command_args(stage, key)
+        given = [a[2:].replace("-", "_") for a in argv if a.startswith("--")]
+        assert given == names, f"{stage}: dvc.yaml's cmd passes {given}, the flow takes {names}"
+    assert _dvcfile.command_args("ingest", "demo")[0] == "demo"

@@ -51,6 +51,11 @@ def test_stage_help_says_what_it_does():
     )
     assert proc.returncode == 0
     assert "quarantine" in proc.stdout and "--params" in proc.stdout
+    shown = " ".join(proc.stdout.split())  # each path and its default, from dvc.yaml's cmd
+    assert (
+        "--base PATH base checkpoint (its processor counts tokens) (default: models/base)" in shown
+    )
+    assert "--out PATH data directory to write" in shown and "(default: data)" in shown
 
 
 @pytest.fixture(scope="module")
