@@ -344,10 +344,13 @@ def publish_metrics(repo: str, title: str = "vregion metrics") -> dict:
     create_markdown_artifact(
         markdown=markdown, key=METRICS_ARTIFACT, description="`dvc metrics show` after the run"
     )
-    summary = Path(repo, "reports", "summary.md")
+    from stages._dvcfile import paths
+
+    name = paths(Path(repo, "dvc.yaml"))["summary"]
+    summary = Path(repo, name)
     if summary.is_file():  # the report stage's page, on the pipeline's run too
         create_markdown_artifact(
-            markdown=summary.read_text(), key="vregion-summary", description="reports/summary.md"
+            markdown=summary.read_text(), key="vregion-summary", description=name
         )
     return metrics
 

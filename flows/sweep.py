@@ -37,16 +37,23 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
+from stages import _dvcfile  # noqa: E402
 from vregion.compare import add_ratios, charts, claims, comparison_markdown, run_row  # noqa: E402
 from vregion.sweep import SWEEPS, Run, expected_params, plan_runs  # noqa: E402
 
 RESULTS = "results"
-METRIC_FILES = {
-    "eval": "metrics/eval.json",
-    "train": "metrics/train.json",
-    "region": "metrics/region.json",
-}
 COMMAND = "python -m flows.sweep run"
+
+
+def paths(repo: Path) -> dict[str, str]:
+    """The pipeline's paths, as the repo's dvc.yaml names them (`vars: paths`)."""
+    return _dvcfile.paths(repo / "dvc.yaml")
+
+
+def metric_files(repo: Path) -> dict[str, str]:
+    """The metrics files the comparison reads, by the name it gives them."""
+    p = paths(repo)
+    return {"eval": p["eval_metrics"], "train": p["train_metrics"], "region": p["region_metrics"]}
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -112,7 +119,7 @@ def finished(
             continue
         if read_committed(repo, rev, "params.yaml") != expected_params(base_params, run):
             continue
-        if all(read_committed(repo, rev, f) for f in METRIC_FILES.values()):
+        if all(read_committed(repo, rev, f) for f in metric_files(repo).values()):
             done[name] = rev
     return done
 
@@ -175,7 +182,7 @@ def write_report(repo: Path, runs: list[Run], done: dict[str, str], reference: d
     for run in runs:
         if run.name in done:
             rev = done[run.name]
-            metrics = {k: read_committed(repo, rev, f) for k, f in METRIC_FILES.items()}
+            metrics = {k: read_committed(repo, rev, f) for k, f in metric_files(repo).items()}
             params = read_committed(repo, rev, "params.yaml") or {}
             curve_n = params.get("evaluate", {}).get("curve_samples")
             rows[run.name] = run_row(run.name, run.name, metrics, rev, curve_n)
@@ -206,7 +213,7 @@ def write_report(repo: Path, runs: list[Run], done: dict[str, str], reference: d
 
 def reference_figures(repo: Path) -> dict:
     """The aligned model's accuracy and the base LLM's text skill from the main pipeline."""
-    path = repo / "metrics" / "eval.json"
+    path = repo / paths(repo)["eval_metrics"]
     if not path.is_file():
         return {}
     ev = json.loads(path.read_text())
@@ -261,7 +268,7 @@ def sweep(
 
 
 def _shape_from_scores(repo: Path) -> dict:
-    path = repo / "reports" / "layer_scores.json"
+    path = repo / paths(repo)["layer_scores"]
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `dvc repro probe` or the sweep first")
     scores = json.loads(path.read_text())

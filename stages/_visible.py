@@ -132,18 +132,18 @@ class FlowProgress:
 
 
 def _dvc_stage(stage: str, item: str | None) -> dict:
+    from stages import _dvcfile
+
     try:
-        stages = yaml.safe_load(Path("dvc.yaml").read_text())["stages"]
-    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return _dvcfile.stage(stage, item)
+    except (OSError, ValueError, yaml.YAMLError):
         return {}
-    spec = stages.get(stage) or {}
-    if "foreach" in spec:
-        spec = json.loads(json.dumps(spec["do"]).replace("${key}", item or ""))
-    return spec
 
 
 def _paths(entries) -> list[str]:
-    return [next(iter(e)) if isinstance(e, dict) else e for e in entries or []]
+    from stages._dvcfile import entry_paths
+
+    return entry_paths(entries)
 
 
 def flatten(obj, prefix: str = "") -> dict:
@@ -254,15 +254,17 @@ class _NoInterruptTraceback(logging.Filter):
 
 
 @contextlib.contextmanager
-def stage_run(flow, params_path: str, kwargs: dict) -> Iterator[tuple[Callable[[], object], Watch]]:
-    """Everything around one stage's flow call: the shared server, tags, progress, artifacts."""
+def stage_run(
+    flow, params_path: str, kwargs: dict, item: str | None = None
+) -> Iterator[tuple[Callable[[], object], Watch]]:
+    """Everything around one stage's flow call: the shared server, tags, progress, artifacts.
+    `item`: a foreach stage's item (`ingest@<item>`)."""
     from prefect import tags
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from infra import prefect_server
 
     stage = flow.name
-    item = next(iter(kwargs.values()), None)
     reporter = FlowProgress(stage, progress.log_every())
     watch = Watch(stage, reporter)
 

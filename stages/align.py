@@ -24,44 +24,51 @@ from vregion.models.loading import load_lvlm
 from vregion.train.align import train_alignment
 from vregion.train.loop import ImageSet
 
-BASE = "models/base"
-DATA = "data"
-OUT = "models/aligned"
-METRICS = "metrics/align.json"
-CURVE = "metrics/align_loss.csv"
 CURVE_FIELDS = ["step", "loss", "lr", "seconds"]
 
 
-def keep_base(embedded: bool) -> dict:
-    """models/aligned = models/base (hard links), an empty curve, metrics that say so."""
+def keep_base(embedded: bool, base: str, out: str, metrics_file: str, curve: str) -> dict:
+    """`out` = `base` (hard links), an empty curve, metrics that say so."""
     metrics = {
         "skipped": True,
         "reason": "align.skip: the base checkpoint's projector is kept as it is",
         "steps": 0,
         "trainable_params": 0,
-        **link_checkpoint(BASE, OUT),
+        **link_checkpoint(base, out),
     }
     if embedded:
         print("warning: align.skip with the embedded base keeps its untrained projector")
-    write_csv(CURVE, [], fields=CURVE_FIELDS)
-    write_json(METRICS, metrics)
+    write_csv(curve, [], fields=CURVE_FIELDS)
+    write_json(metrics_file, metrics)
     return metrics
 
 
 @flow(name="align", log_prints=True)
-def align(params: str = "params.yaml") -> dict:
+def align(
+    base: str, data: str, out: str, metrics: str, curve: str, params: str = "params.yaml"
+) -> dict:
+    """Stage-1 alignment: train the projector.
+
+    Args:
+        base: base checkpoint to align
+        data: data directory (prepare's and ingest's outputs)
+        out: aligned checkpoint directory to write
+        metrics: metrics file to write
+        curve: loss curve CSV to write
+        params: params file
+    """
     p = load_params(params)
     if p.align.skip:
-        return keep_base(p.model.base in EMBEDDED)
+        return keep_base(p.model.base in EMBEDDED, base, out, metrics, curve)
     torch.manual_seed(p.model.seed)
     device = pick_device()
     precision = resolve_precision(p.align.precision, device)
-    model, processor = load_lvlm(BASE, dtype=p.model.dtype)
+    model, processor = load_lvlm(base, dtype=p.model.dtype)
     model.to(device)
     seed = p.model.seed
-    train = RecordDataset(resolve_mix(p.align.data, seed, DATA), processor, p.model.system_prompt)
+    train = RecordDataset(resolve_mix(p.align.data, seed, data), processor, p.model.system_prompt)
     held_out = ImageSet.from_parts(
-        sample_parts(resolve_mix(p.align.eval_data, seed, DATA), p.align.eval_samples, seed)
+        sample_parts(resolve_mix(p.align.eval_data, seed, data), p.align.eval_samples, seed)
     )
     result = train_alignment(
         model,
@@ -75,10 +82,10 @@ def align(params: str = "params.yaml") -> dict:
         seed=seed,
     )
     result.metrics["data"] = [m.source for m in p.align.data]
-    shutil.rmtree(OUT, ignore_errors=True)
-    save_checkpoint(model.to("cpu"), processor, OUT)
-    write_csv(CURVE, result.curve)
-    write_json(METRICS, result.metrics)
+    shutil.rmtree(out, ignore_errors=True)
+    save_checkpoint(model.to("cpu"), processor, out)
+    write_csv(curve, result.curve)
+    write_json(metrics, result.metrics)
     return result.metrics
 
 

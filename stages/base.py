@@ -23,22 +23,26 @@ from vregion.models.base import (
     copy_pretrained,
 )
 
-OUT = "models/base"
-METRICS = "metrics/base.json"
-
 
 @flow(name="base", log_prints=True)
-def base(params: str = "params.yaml") -> dict:
+def base(out: str, metrics: str, params: str = "params.yaml") -> dict:
+    """Build or copy the base LVLM.
+
+    Args:
+        out: checkpoint directory to write
+        metrics: metrics file to write
+        params: params file
+    """
     p = load_params(params)
-    shutil.rmtree(OUT, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
     if p.model.base in EMBEDDED:
-        metrics = build_embedded(p.model, OUT, max_objects=p.data.max_objects)
+        result = build_embedded(p.model, out, max_objects=p.data.max_objects)
     elif p.model.base == ASSEMBLE:
-        metrics = build_assembled(p.model, OUT)
+        result = build_assembled(p.model, out)
     else:
-        metrics = copy_pretrained(p.model.base, OUT)
-    write_json(METRICS, metrics)
-    return metrics
+        result = copy_pretrained(p.model.base, out)
+    write_json(metrics, result)
+    return result
 
 
 if __name__ == "__main__":

@@ -37,27 +37,19 @@ from vregion.plots import accuracy_chart, line_chart, note_chart
 from vregion.prune import temporarily_pruned
 from vregion.train.loop import ImageSet
 
-DATA = "data"
-MODELS = {"aligned": "models/aligned", "tuned": "models/tuned/merged", "pruned": "models/pruned"}
-BASE = "models/base"
-PRUNE = "metrics/prune.json"
-METRICS = "metrics/eval.json"
-ACCURACY_CSV = "metrics/eval_accuracy.csv"
-CURVE_CSV = "metrics/prune_curve.csv"
-ACCURACY_PNG = "reports/plots/eval_accuracy.png"
-CURVE_PNG = "reports/plots/prune_curve.png"
-LLM_EXPORTS = "models/llm"
-HARNESS_DIR = "reports/harness"
-TEXT_ITEMS = f"{DATA}/text/text_skill.jsonl"
+
+def text_items(data: str) -> str:
+    """The text-skill set prepare writes under the data directory."""
+    return f"{data}/text/text_skill.jsonl"
 
 
-def eval_sets(p: Params) -> dict[str, list[dict]]:
+def eval_sets(p: Params, data: str) -> dict[str, list[dict]]:
     """Each `evaluate.data` entry as its own held-out set, the same rows for every model."""
     return {
         entry.source: [
             part_to_dict(part)
             for part in balanced_parts(
-                resolve_mix([entry], p.model.seed, DATA), p.evaluate.samples, p.model.seed
+                resolve_mix([entry], p.model.seed, data), p.evaluate.samples, p.model.seed
             )
         ]
         for entry in p.evaluate.data
@@ -65,14 +57,14 @@ def eval_sets(p: Params) -> dict[str, list[dict]]:
 
 
 def eval_job(
-    p: Params, checkpoint: str, sets: dict[str, list[dict]], visual: bool = True
+    p: Params, checkpoint: str, sets: dict[str, list[dict]], data: str, visual: bool = True
 ) -> EvalJob:
     e = p.evaluate
     return EvalJob(
         checkpoint=checkpoint,
         system_prompt=p.model.system_prompt,
         sets=sets if visual else {},
-        text_items=TEXT_ITEMS if e.text else None,
+        text_items=text_items(data) if e.text else None,
         batch_size=e.batch_size,
         precision=e.precision,
         seed=p.model.seed,
@@ -89,15 +81,15 @@ def measure(name: str, job: EvalJob) -> dict:
 
 
 @task(name="prune-curve")
-def prune_curve(p: Params) -> list[dict]:
+def prune_curve(p: Params, tuned: str, prune_metrics: str, data: str) -> list[dict]:
     """Visual accuracy of the tuned model with the first k layers of the prune ranking removed."""
-    ranking = json.loads(Path(PRUNE).read_text())["ranking_outside_region"]
+    ranking = json.loads(Path(prune_metrics).read_text())["ranking_outside_region"]
     ks = [k for k in p.evaluate.prune_curve if k <= len(ranking)]
     source = next(e for e in p.evaluate.data if e.source.startswith("synthetic/"))
-    parts = resolve_mix([source], p.model.seed, DATA)
-    data = ImageSet.from_parts(balanced_parts(parts, p.evaluate.curve_samples, p.model.seed))
+    parts = resolve_mix([source], p.model.seed, data)
+    questions = ImageSet.from_parts(balanced_parts(parts, p.evaluate.curve_samples, p.model.seed))
     device = pick_device()
-    model, processor = load_lvlm(MODELS["tuned"])
+    model, processor = load_lvlm(tuned)
     model.to(device).eval()
     rows = []
     for k in ks:
@@ -105,14 +97,14 @@ def prune_curve(p: Params) -> list[dict]:
             preds = predict_choices(
                 pruned,
                 processor,
-                data,
+                questions,
                 p.model.system_prompt,
                 batch_size=p.evaluate.batch_size,
                 precision=resolve_precision(p.evaluate.precision, device),
                 device=device,
                 desc=f"curve: {k} removed",
             )
-        table = accuracy_table(data.samples, preds)
+        table = accuracy_table(questions.samples, preds)
         rows.append(
             {
                 "layers_removed": k,
@@ -151,10 +143,20 @@ def harness_status(p: Params) -> dict:
 
 
 @task(name="harnesses")
-def run_harnesses(p: Params, models: dict[str, str], sets: dict, status: dict) -> dict:
+def run_harnesses(
+    p: Params,
+    models: dict[str, str],
+    sets: dict,
+    status: dict,
+    data: str,
+    llm_exports: str,
+    harness_dir: str,
+) -> dict:
     """Each requested, installed harness on every model: `{model: {harness: {task: {metric:
     value}}}}`, each figure read from the results file the harness wrote (recorded in
-    `status[harness]["results_files"]`). Raises HarnessError at the first task without one."""
+    `status[harness]["results_files"]`). Raises HarnessError at the first task without one.
+    Each model's LLM is exported under `llm_exports`, each harness's files go under
+    `harness_dir`/<model>/<harness>."""
     import torch
 
     cuda = torch.cuda.is_available()
@@ -172,10 +174,10 @@ def run_harnesses(p: Params, models: dict[str, str], sets: dict, status: dict) -
             cfg, st = getattr(p.evaluate, harness), status[harness]
             if st["status"] != "ran":
                 continue
-            workdir = Path(HARNESS_DIR) / name / harness
+            workdir = Path(harness_dir) / name / harness
             shutil.rmtree(workdir, ignore_errors=True)
             if harness == "lm_eval":
-                target = Path(LLM_EXPORTS) / name
+                target = Path(llm_exports) / name
                 shutil.rmtree(target, ignore_errors=True)
                 exports[name] = hx.export_llm(checkpoint, target)
                 model_args = {"pretrained": str(target.resolve())}
@@ -183,7 +185,7 @@ def run_harnesses(p: Params, models: dict[str, str], sets: dict, status: dict) -
                     from transformers import AutoTokenizer
 
                     hx.write_text_mc_data(
-                        read_text_set(TEXT_ITEMS),
+                        read_text_set(text_items(data)),
                         AutoTokenizer.from_pretrained(target),
                         p.model.system_prompt,
                         workdir / f"{hx.TEXT_MC_TASK}.jsonl",
@@ -217,8 +219,8 @@ def run_harnesses(p: Params, models: dict[str, str], sets: dict, status: dict) -
                 task: {**figures, "n": run["samples"][task]}
                 for task, figures in run["results"].items()
             }
-    Path(LLM_EXPORTS).mkdir(parents=True, exist_ok=True)
-    write_json(Path(LLM_EXPORTS) / "exports.json", exports)
+    Path(llm_exports).mkdir(parents=True, exist_ok=True)
+    write_json(Path(llm_exports) / "exports.json", exports)
     return out
 
 
@@ -241,9 +243,43 @@ def add_comparisons(results: dict, base_text: dict | None, baseline: str | None)
 
 
 @flow(name="evaluate", log_prints=True)
-def evaluate(params: str = "params.yaml") -> dict:
+def evaluate(
+    base: str,
+    aligned: str,
+    tuned: str,
+    pruned: str,
+    data: str,
+    prune_metrics: str,
+    metrics: str,
+    accuracy_csv: str,
+    curve_csv: str,
+    accuracy_png: str,
+    curve_png: str,
+    llm_exports: str,
+    harness_dir: str,
+    params: str = "params.yaml",
+) -> dict:
+    """Measure every model the pipeline produced.
+
+    Args:
+        base: base checkpoint (its LLM is the text-skill reference)
+        aligned: aligned checkpoint
+        tuned: tuned (merged) checkpoint
+        pruned: pruned checkpoint
+        data: data directory (prepare's and ingest's outputs)
+        prune_metrics: the prune stage's metrics (its layer ranking drives the curve)
+        metrics: metrics file to write
+        accuracy_csv: accuracy per model and question kind, CSV to write
+        curve_csv: layers-removed curve, CSV to write
+        accuracy_png: accuracy chart to write
+        curve_png: layers-removed chart to write
+        llm_exports: directory for each model's LLM as a plain causal LM (lm-eval reads them)
+        harness_dir: directory for the harnesses' logs and results files
+        params: params file
+    """
     p = load_params(params)
-    models = {**{n: MODELS[n] for n in p.evaluate.models}, **p.evaluate.extra_models}
+    checkpoints = {"aligned": aligned, "tuned": tuned, "pruned": pruned}
+    models = {**{n: checkpoints[n] for n in p.evaluate.models}, **p.evaluate.extra_models}
     missing = {n: d for n, d in models.items() if not checkpoint_exists(d)}
     if missing:
         raise FileNotFoundError(
@@ -254,23 +290,26 @@ def evaluate(params: str = "params.yaml") -> dict:
         raise ConfigError(
             f"evaluate.baseline: {p.evaluate.baseline!r} is not one of {sorted(models)}"
         )
-    Path(METRICS).unlink(missing_ok=True)  # a failing run leaves no metrics, not stale ones
-    sets = eval_sets(p)
+    Path(metrics).unlink(missing_ok=True)  # a failing run leaves no metrics, not stale ones
+    sets = eval_sets(p, data)
     status = harness_status(p)
-    harness_results = run_harnesses(p, models, sets, status)
-    write_json(Path(HARNESS_DIR) / "harness.json", status)
-    results = {name: measure(name, eval_job(p, path, sets)) for name, path in models.items()}
+    harness_results = run_harnesses(p, models, sets, status, data, llm_exports, harness_dir)
+    write_json(Path(harness_dir) / "harness.json", status)
+    results = {name: measure(name, eval_job(p, path, sets, data)) for name, path in models.items()}
     for name, r in results.items():
         r.update(harness_results[name])
     base_text = None
     if p.evaluate.text:
-        base_text = measure("base LLM (text only)", eval_job(p, BASE, {}, visual=False))["text"]
+        base_job = eval_job(p, base, {}, data, visual=False)
+        base_text = measure("base LLM (text only)", base_job)["text"]
     add_comparisons(results, base_text, p.evaluate.baseline)
     # The curve reads kinds and choices: it needs a synthetic multiple-choice set.
     with_choices = any(e.source.startswith("synthetic/") for e in p.evaluate.data)
-    curve = prune_curve(p) if p.evaluate.prune_curve and with_choices else []
+    curve = []
+    if p.evaluate.prune_curve and with_choices:
+        curve = prune_curve(p, tuned, prune_metrics, data)
     write_json(
-        METRICS,
+        metrics,
         {
             "models": results,
             "base_text": base_text,
@@ -280,7 +319,7 @@ def evaluate(params: str = "params.yaml") -> dict:
         },
     )
     write_csv(
-        ACCURACY_CSV,
+        accuracy_csv,
         [
             {
                 "model": name,
@@ -295,24 +334,24 @@ def evaluate(params: str = "params.yaml") -> dict:
         fields=["model", "kind", "accuracy", "blind", "chance"],
     )
     write_csv(
-        CURVE_CSV,
+        curve_csv,
         [{"layers_removed": r["layers_removed"], "accuracy": r["accuracy"]} for r in curve],
         fields=["layers_removed", "accuracy"],
     )
     if all("visual" in r for r in results.values()):
-        accuracy_chart({n: r["visual"] for n, r in results.items()}, ACCURACY_PNG)
+        accuracy_chart({n: r["visual"] for n, r in results.items()}, accuracy_png)
     else:
-        note_chart(ACCURACY_PNG, "No multiple-choice set in evaluate.data: see open_answer.")
+        note_chart(accuracy_png, "No multiple-choice set in evaluate.data: see open_answer.")
     if curve:
         line_chart(
             {"tuned model": ([r["layers_removed"] for r in curve], [r["accuracy"] for r in curve])},
-            CURVE_PNG,
+            curve_png,
             xlabel="layers removed (outside the region)",
             ylabel="visual accuracy",
             title="Accuracy as layers are pruned",
         )
     else:  # still a declared output of the stage
-        note_chart(CURVE_PNG, "No layers-removed curve: evaluate.prune_curve is empty.")
+        note_chart(curve_png, "No layers-removed curve: evaluate.prune_curve is empty.")
     for name, r in results.items():
         for set_name, v in {
             **{k: t["overall"] for k, t in r.get("visual_sets", {}).items()},

@@ -23,8 +23,8 @@ import torch
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from stages._common import log, run_stage, write_csv, write_json
-from vregion.config import ConfigError, DataMix, FinetuneConfig, Params, load_params
+from stages._common import log, region_layers, run_stage, write_csv, write_json
+from vregion.config import DataMix, FinetuneConfig, Params, load_params
 from vregion.data.dataset import balanced_parts, resolve_mix, total_steps
 from vregion.devices import gpu_available, pick_device, resolve_precision
 from vregion.distributed import forget_run, local_ray, progress_relay
@@ -34,32 +34,13 @@ from vregion.plots import accuracy_chart, note_chart
 from vregion.train.finetune import FinetuneJob, export_tuned, job_dataset, run_finetune
 from vregion.train.loop import ImageSet, deranged, mean_answer_loss
 
-ALIGNED = "models/aligned"
-DATA = "data"
-REGION = "reports/region.json"
-OUT = "models/tuned"
-RUNS = "ray_results"
-METRICS = "metrics/train.json"
-CURVE = "metrics/finetune_loss.csv"
-ACCURACY = "metrics/finetune_accuracy.csv"
-CHART = "reports/plots/finetune_accuracy.png"
 
-
-def region_layers(path: str = REGION) -> list[int]:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no region yet; run `dvc repro probe` first")
-    layers = json.loads(Path(path).read_text()).get("layers")
-    if not layers:
-        raise ConfigError(f"{path}: no `layers` list (re-run the probe stage)")
-    return layers
-
-
-def build_job(p: Params, layers: list[int]) -> FinetuneJob:
+def build_job(p: Params, layers: list[int], aligned: str, data: str) -> FinetuneJob:
     f = p.finetune
-    data_dir = str(Path(DATA).resolve())  # Ray workers do not share our working directory
+    data_dir = str(Path(data).resolve())  # Ray workers do not share our working directory
     records = sum(len(part.rows) for part in resolve_mix(f.data, p.model.seed, data_dir))
     return FinetuneJob(
-        aligned=str(Path(ALIGNED).resolve()),
+        aligned=str(Path(aligned).resolve()),
         data=[m.model_dump() for m in f.data],
         data_dir=data_dir,
         layers=layers,
@@ -133,14 +114,14 @@ def train_metrics(
     }
 
 
-def check_vision(p: Params) -> tuple[str, dict]:
+def check_vision(p: Params, checkpoint: str, data: str) -> tuple[str, dict]:
     """The merged tuned model on held-out records, beside the blind control: accuracy per kind
     when the records carry `choices`, else the answer loss (lower is better)."""
     f = p.finetune
-    parts = resolve_mix(f.eval_data, p.model.seed, DATA)
+    parts = resolve_mix(f.eval_data, p.model.seed, data)
     held_out = ImageSet.from_parts(balanced_parts(parts, f.eval_samples, p.model.seed))
     device = pick_device()
-    model, processor = load_lvlm(f"{OUT}/merged")
+    model, processor = load_lvlm(checkpoint)
     model.to(device)
     kw = dict(precision=resolve_precision(f.precision, device), device=device)
     if all(s.choices for s in held_out.samples):
@@ -153,13 +134,13 @@ def check_vision(p: Params) -> tuple[str, dict]:
             seed=p.model.seed,
             **kw,
         )
-    data, n = held_out, len(held_out)
-    args = (model, processor, data, p.model.system_prompt)
+    n = len(held_out)
+    args = (model, processor, held_out, p.model.system_prompt)
     loss = mean_answer_loss(*args, batch_size=f.eval_batch_size, **kw)
     blind = mean_answer_loss(
         *args,
         batch_size=f.eval_batch_size,
-        images=deranged(data.images, p.model.seed),
+        images=deranged(held_out.images, p.model.seed),
         desc="blind",
         **kw,
     )
@@ -168,7 +149,7 @@ def check_vision(p: Params) -> tuple[str, dict]:
 
 # The phases are tasks, so the run page shows where the time went.
 @task(name="train", cache_policy=NO_CACHE)
-def train(job: FinetuneJob, name: str, f: FinetuneConfig, use_gpu: bool):
+def train(job: FinetuneJob, name: str, f: FinetuneConfig, use_gpu: bool, runs: str):
     """The loop on Ray Train workers; rank 0's steps reach this run through the relay."""
     with (
         tempfile.TemporaryDirectory(prefix="vr", dir="/tmp") as ray_tmp,
@@ -178,7 +159,7 @@ def train(job: FinetuneJob, name: str, f: FinetuneConfig, use_gpu: bool):
         result = run_finetune(
             job,
             name=name,
-            local_dir=RUNS,
+            local_dir=runs,
             num_workers=f.num_workers,
             use_gpu=use_gpu,
             placement_strategy=f.placement,
@@ -191,58 +172,85 @@ def train(job: FinetuneJob, name: str, f: FinetuneConfig, use_gpu: bool):
 
 
 @task(name="export", cache_policy=NO_CACHE)
-def export(job: FinetuneJob, result, name: str) -> dict:
-    shutil.rmtree(OUT, ignore_errors=True)
+def export(job: FinetuneJob, result, name: str, out: str, runs: str) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
     with result.checkpoint.as_directory() as ckpt:
-        exported = export_tuned(job, ckpt, OUT)
-    forget_run(name, RUNS)  # exported: a later run with this name must start afresh
+        exported = export_tuned(job, ckpt, out)
+    forget_run(name, runs)  # exported: a later run with this name must start afresh
     return exported
 
 
 @flow(name="finetune", log_prints=True)
-def finetune(params: str = "params.yaml") -> dict:
+def finetune(
+    aligned: str,
+    data: str,
+    region: str,
+    out: str,
+    runs: str,
+    metrics: str,
+    curve: str,
+    accuracy: str,
+    chart: str,
+    params: str = "params.yaml",
+) -> dict:
+    """Tune the region on Ray Train, export, check the tuned model sees.
+
+    Args:
+        aligned: aligned checkpoint to tune
+        data: data directory (prepare's and ingest's outputs)
+        region: the region stage's region JSON
+        out: directory for the adapter and the merged checkpoint (out/merged)
+        runs: Ray Train's run directory (checkpoints to resume from; not a DVC output)
+        metrics: metrics file to write
+        curve: loss curve CSV to write
+        accuracy: held-out accuracy per question kind, CSV to write
+        chart: accuracy chart to write
+        params: params file
+    """
     p = load_params(params)
-    job = build_job(p, region_layers())
+    job = build_job(p, region_layers(region), aligned, data)
     use_gpu = gpu_available() if p.finetune.use_gpu == "auto" else bool(p.finetune.use_gpu)
     name = run_name(job)
     print(
         f"finetune: {job.mode} on layers {job.layers}, run {name}, {p.finetune.num_workers} worker(s)"
     )
-    result = train(job, name, p.finetune, use_gpu)
-    exported = export(job, result, name)
-    curve = exported["curve"]
+    result = train(job, name, p.finetune, use_gpu, runs)
+    exported = export(job, result, name, out, runs)
+    steps = exported["curve"]
     records = len(job_dataset(job, None))
-    metrics = train_metrics(result.metrics, curve, job, use_gpu, records)
-    write_csv(CURVE, [{"step": r["step"], "loss": r["loss"], "lr": r["lr"]} for r in curve])
-    measure, held_out = task(check_vision, name="held-out-check", cache_policy=NO_CACHE)(p)
-    metrics[measure] = held_out
+    summary_metrics = train_metrics(result.metrics, steps, job, use_gpu, records)
+    write_csv(curve, [{"step": r["step"], "loss": r["loss"], "lr": r["lr"]} for r in steps])
+    measure, held_out = task(check_vision, name="held-out-check", cache_policy=NO_CACHE)(
+        p, f"{out}/merged", data
+    )
+    summary_metrics[measure] = held_out
     if measure == "visual":
         write_csv(
-            ACCURACY,
+            accuracy,
             [
                 {"kind": k, "accuracy": v["accuracy"], "blind": v["blind"], "chance": v["chance"]}
                 for k, v in held_out.items()
             ],
         )
         accuracy_chart(
-            {"tuned": held_out}, CHART, title=f"Tuned model ({job.mode}, layers {job.layers})"
+            {"tuned": held_out}, chart, title=f"Tuned model ({job.mode}, layers {job.layers})"
         )
         o = held_out["overall"]
         summary = f"visual accuracy {o['accuracy']:.3f} (blind {o['blind']:.3f}, chance {o['chance']:.3f})"
     else:  # records without choices: the declared outputs say what was measured instead
         o = held_out["overall"]
         write_csv(
-            ACCURACY, [{"kind": "answer_loss", "accuracy": None, "blind": None, "chance": None}]
+            accuracy, [{"kind": "answer_loss", "accuracy": None, "blind": None, "chance": None}]
         )
         note_chart(
-            CHART,
+            chart,
             f"Held-out answer loss {o['loss']:.3f} (blind {o['blind']:.3f}): "
             "the eval records have no choices, so no accuracy per kind.",
         )
         summary = f"held-out answer loss {o['loss']:.3f} (blind {o['blind']:.3f})"
-    write_json(METRICS, metrics)
-    log.info("tuned: %.3f s/step, %s", metrics["seconds_per_step"], summary)
-    return metrics
+    write_json(metrics, summary_metrics)
+    log.info("tuned: %.3f s/step, %s", summary_metrics["seconds_per_step"], summary)
+    return summary_metrics
 
 
 if __name__ == "__main__":

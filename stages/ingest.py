@@ -21,37 +21,43 @@ from vregion.config import ConfigError, load_params
 from vregion.data.sources import ingest_source
 from vregion.models.loading import load_processor
 
-BASE = "models/base"
-OUT = "data/sources"
-
 
 @flow(name="ingest", log_prints=True)
-def ingest(source: str, params: str = "params.yaml") -> dict:
+def ingest(source: str, base: str, out: str, metrics: str, params: str = "params.yaml") -> dict:
+    """Validate one real data source.
+
+    Args:
+        source: name under data.sources
+        base: base checkpoint (its processor counts tokens)
+        out: directory for the validated records
+        metrics: metrics file to write
+        params: params file
+    """
     p = load_params(params)
     cfg = p.data.sources.get(source)
     if cfg is None:
         raise ConfigError(
             f"data.sources has no source {source!r} (it has: {sorted(p.data.sources) or 'none'})"
         )
-    metrics = ingest_source(
+    result = ingest_source(
         source,
         cfg,
-        load_processor(BASE),
-        f"{OUT}/{source}",
+        load_processor(base),
+        out,
         system_prompt=p.model.system_prompt,
         max_tokens=p.data.max_tokens,
         workers=p.data.validate_workers,
     )
-    write_json(f"metrics/ingest_{source}.json", metrics)
+    write_json(metrics, result)
     log.info(
         "ingest %s: %d of %d records kept (%d quarantined), %.0f records/s",
         source,
-        metrics["records"],
-        metrics["records_read"],
-        metrics["quarantined"],
-        metrics["records_per_second"],
+        result["records"],
+        result["records_read"],
+        result["quarantined"],
+        result["records_per_second"],
     )
-    return metrics
+    return result
 
 
 if __name__ == "__main__":

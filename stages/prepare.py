@@ -31,11 +31,9 @@ from vregion.data.encode import count_tokens
 from vregion.data.records import Quarantine, read_jsonl, write_jsonl
 from vregion.models.loading import load_processor
 
-BASE = "models/base"
-OUT = Path("data")
-OUTPUTS = ("train", "eval", "images", "text", "quarantine.json")  # as dvc.yaml lists them
-# (and data/sources/README.md; the folders beside it belong to the ingest stages)
-METRICS = "metrics/prepare.json"
+# What prepare writes under its data directory, as dvc.yaml lists them (and
+# sources/README.md; the folders beside it belong to the ingest stages).
+OUTPUTS = ("train", "eval", "images", "text", "quarantine.json")
 
 
 def drop_overlong(
@@ -66,19 +64,28 @@ def drop_overlong(
 
 
 @flow(name="prepare", log_prints=True)
-def prepare(params: str = "params.yaml") -> dict:
+def prepare(base: str, out: str, metrics: str, params: str = "params.yaml") -> dict:
+    """Build the synthetic and text-skill data.
+
+    Args:
+        base: base checkpoint (its processor counts tokens)
+        out: data directory to write (train/, eval/, images/, text/, quarantine.json)
+        metrics: metrics file to write
+        params: params file
+    """
     p = load_params(params)
     d, emb = p.data, p.model.embedded
-    if not Path(BASE).is_dir():
-        raise FileNotFoundError(f"{BASE} is missing: run `dvc repro base` first")
-    processor = load_processor(BASE)
+    if not Path(base).is_dir():
+        raise FileNotFoundError(f"{base} is missing: run `dvc repro base` first")
+    processor = load_processor(base)
+    data = Path(out)
     for name in OUTPUTS:  # data/sources/ belongs to the ingest stages
-        shutil.rmtree(OUT / name, ignore_errors=True)
+        shutil.rmtree(data / name, ignore_errors=True)
     quarantine = Quarantine()
-    metrics: dict = {"synthetic": {}}
+    result: dict = {"synthetic": {}}
     for split, n_images in (("train", d.train_images), ("eval", d.eval_images)):
         kinds = synthetic.build_split(
-            OUT,
+            data,
             split,
             n_images,
             seed=d.seed,
@@ -88,29 +95,29 @@ def prepare(params: str = "params.yaml") -> dict:
         )
         for name in ("captions", "vqa"):
             kept = drop_overlong(
-                OUT / split / f"{name}.jsonl",
+                data / split / f"{name}.jsonl",
                 processor,
                 emb.image_size,
                 d.max_tokens,
                 p.model.system_prompt,
                 quarantine,
             )
-            metrics["synthetic"][f"{split}_{name}"] = kept
-        metrics["synthetic"][f"{split}_kinds"] = kinds
-    readme = OUT / "sources" / "README.md"
+            result["synthetic"][f"{split}_{name}"] = kept
+        result["synthetic"][f"{split}_kinds"] = kinds
+    readme = data / "sources" / "README.md"
     readme.parent.mkdir(parents=True, exist_ok=True)
     readme.write_text(
         "Validated real data sources, one folder each, written by the `ingest@<name>` stages\n"
         "(params `data.sources`): records.jsonl, its index, quarantine.json, source.json.\n"
     )
     items = text_skill.build_text_set(d.text_items, seed=d.seed)
-    text_skill.write_text_set(OUT / "text" / "text_skill.jsonl", items)
-    metrics["text_items"] = dict(Counter(i["type"] for i in items))
-    quarantine.write(OUT / "quarantine.json")
-    metrics["quarantined"] = len(quarantine.entries)
-    metrics["quarantined_by_file"] = quarantine.counts()
-    write_json(METRICS, metrics)
-    return metrics
+    text_skill.write_text_set(data / "text" / "text_skill.jsonl", items)
+    result["text_items"] = dict(Counter(i["type"] for i in items))
+    quarantine.write(data / "quarantine.json")
+    result["quarantined"] = len(quarantine.entries)
+    result["quarantined_by_file"] = quarantine.counts()
+    write_json(metrics, result)
+    return result
 
 
 if __name__ == "__main__":

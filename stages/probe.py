@@ -24,12 +24,6 @@ from vregion.region.scores import score_layers
 from vregion.train.loop import ImageSet, batches_of, train_steps
 from vregion.train.selective import LoraSettings, make_region_trainable, trainable_groups
 
-ALIGNED = "models/aligned"
-DATA = "data"
-SCORES = "reports/layer_scores.json"
-SCORES_CSV = "reports/layer_scores.csv"
-METRICS = "metrics/probe.json"
-
 
 def probe_tune(model, processor, data: RecordDataset, p, device, precision):
     """A short all-layer LoRA tuning on a copy; returns the merged tuned model and its curve."""
@@ -56,51 +50,64 @@ def probe_tune(model, processor, data: RecordDataset, p, device, precision):
 
 
 @flow(name="probe", log_prints=True)
-def probe(params: str = "params.yaml") -> dict:
+def probe(
+    aligned: str, data: str, scores: str, scores_csv: str, metrics: str, params: str = "params.yaml"
+) -> dict:
+    """Score every LLM layer.
+
+    Args:
+        aligned: aligned checkpoint to score
+        data: data directory (prepare's and ingest's outputs)
+        scores: layer scores JSON to write
+        scores_csv: layer scores CSV (plot) to write
+        metrics: metrics file to write
+        params: params file
+    """
     p = load_params(params)
     torch.manual_seed(p.model.seed)
     device = pick_device()
-    model, processor = load_lvlm(ALIGNED, dtype=p.model.dtype)
+    model, processor = load_lvlm(aligned, dtype=p.model.dtype)
     model.to(device)
     subset = sample_parts(
-        resolve_mix(p.probe.data, p.model.seed, DATA), p.probe.samples, p.model.seed
+        resolve_mix(p.probe.data, p.model.seed, data), p.probe.samples, p.model.seed
     )
-    data = ImageSet.from_parts(subset)
+    probe_set = ImageSet.from_parts(subset)
     scored, reference, curve = model, None, []
     if p.probe.tune_steps > 0:
         precision = resolve_precision(p.probe.precision, device)
         tune_data = RecordDataset(subset, processor, p.model.system_prompt)
         scored, curve = probe_tune(model, processor, tune_data, p, device, precision)
         reference = model
-    batches = list(batches_of(processor, data, p.model.system_prompt, p.probe.batch_size))
-    scores = score_layers(scored, batches, p.probe.scorers, reference_model=reference)
+    batches = list(batches_of(processor, probe_set, p.model.system_prompt, p.probe.batch_size))
+    layer_scores = score_layers(scored, batches, p.probe.scorers, reference_model=reference)
     num_layers = layer_map(model).num_layers
     write_json(
-        SCORES,
+        scores,
         {
             "num_layers": num_layers,
             "scored_model": "aligned + all-layer probe tuning"
             if reference is not None
             else "aligned",
-            "probe_samples": len(data),
+            "probe_samples": len(probe_set),
             "probe_tune_steps": p.probe.tune_steps,
-            "scores": scores,
+            "scores": layer_scores,
         },
     )
     rows = [
-        {"layer": i, **{k: round(v[i], 6) for k, v in scores.items()}} for i in range(num_layers)
+        {"layer": i, **{k: round(v[i], 6) for k, v in layer_scores.items()}}
+        for i in range(num_layers)
     ]
-    write_csv(SCORES_CSV, rows)
-    metrics = {
+    write_csv(scores_csv, rows)
+    result = {
         "num_layers": num_layers,
-        "scorers": list(scores),
+        "scorers": list(layer_scores),
         "probe_tune_final_loss": curve[-1]["loss"] if curve else None,
     }
-    write_json(METRICS, metrics)
-    for name, values in scores.items():
+    write_json(metrics, result)
+    for name, values in layer_scores.items():
         top = sorted(range(num_layers), key=lambda i: -values[i])[:5]
         print(f"{name}: highest-scoring layers {top}")
-    return metrics
+    return result
 
 
 if __name__ == "__main__":

@@ -13,8 +13,7 @@ import sys
 
 from prefect import flow
 
-from stages._common import run_stage, write_json
-from stages.finetune import region_layers
+from stages._common import region_layers, run_stage, write_json
 from vregion.config import ConfigError, Params, load_params
 from vregion.data.dataset import RecordDataset, balanced_parts, resolve_mix, training_loader
 from vregion.devices import pick_device, resolve_precision
@@ -28,19 +27,13 @@ from vregion.region.scores import score_layers
 from vregion.train.loop import ImageSet, batches_of, train_steps
 from vregion.train.selective import LoraSettings, make_region_trainable, trainable_groups
 
-TUNED = "models/tuned/merged"
-DATA = "data"
-OUT = "models/pruned"
-METRICS = "metrics/prune.json"
-CHART = "reports/plots/prune_scores.png"
 
-
-def heal(model, processor, region_after: list[int], p: Params, device):
+def heal(model, processor, region_after: list[int], p: Params, device, data: str):
     """A short LoRA pass on the pruned model's region (and projector), merged back."""
     f = p.finetune
     lora = LoraSettings(r=f.lora_r, alpha=f.lora_alpha, dropout=f.lora_dropout)
     model = make_region_trainable(model, region_after, mode="lora", lora=lora)
-    train = RecordDataset(resolve_mix(f.data, p.model.seed, DATA), processor, p.model.system_prompt)
+    train = RecordDataset(resolve_mix(f.data, p.model.seed, data), processor, p.model.system_prompt)
     batches = training_loader(
         train, f.batch_size, device=device, seed=p.model.seed, workers=f.loader.workers
     )
@@ -57,19 +50,38 @@ def heal(model, processor, region_after: list[int], p: Params, device):
     return model.merge_and_unload(), curve
 
 
-def calibration_set(p: Params) -> ImageSet:
+def calibration_set(p: Params, data: str) -> ImageSet:
     """`prune.samples` records of `prune.data`: balanced over kinds when they have kinds."""
-    parts = resolve_mix(p.prune.data, p.model.seed, DATA)
+    parts = resolve_mix(p.prune.data, p.model.seed, data)
     return ImageSet.from_parts(balanced_parts(parts, p.prune.samples, p.model.seed))
 
 
 @flow(name="prune", log_prints=True)
-def prune(params: str = "params.yaml") -> dict:
+def prune(
+    tuned: str,
+    data: str,
+    region: str,
+    out: str,
+    metrics: str,
+    chart: str,
+    params: str = "params.yaml",
+) -> dict:
+    """Remove the least important layers outside the region.
+
+    Args:
+        tuned: tuned (merged) checkpoint to prune
+        data: data directory (prepare's and ingest's outputs)
+        region: the region stage's region JSON
+        out: pruned checkpoint directory to write
+        metrics: metrics file to write
+        chart: chart of the scores with the protected layers marked, to write
+        params: params file
+    """
     p = load_params(params)
-    region = region_layers()
-    protected = region if p.prune.protect is None else p.prune.protect
+    layers = region_layers(region)
+    protected = layers if p.prune.protect is None else p.prune.protect
     device = pick_device()
-    model, processor = load_lvlm(TUNED)
+    model, processor = load_lvlm(tuned)
     model.to(device).eval()
     lmap = layer_map(model)
     num_layers = lmap.num_layers
@@ -79,8 +91,8 @@ def prune(params: str = "params.yaml") -> dict:
         print(f"never pruned in {lmap.family}: {list(lmap.fixed_layers)} ({lmap.fixed_reason})")
         protected = sorted(set(protected) | set(lmap.fixed_layers))
     params_before = parameter_count(model)
-    data = calibration_set(p)
-    batches = list(batches_of(processor, data, p.model.system_prompt, p.prune.batch_size))
+    calibration = calibration_set(p, data)
+    batches = list(batches_of(processor, calibration, p.model.system_prompt, p.prune.batch_size))
     scores = score_layers(model, batches, [p.prune.scorer])[p.prune.scorer]
     try:
         plan = plan_pruning(scores, protected, p.prune.layers, p.prune.explicit)
@@ -91,35 +103,35 @@ def prune(params: str = "params.yaml") -> dict:
         (i for i in range(num_layers) if i not in set(protected)), key=lambda i: (scores[i], i)
     )
     prune_llm_layers(model, plan.removed)
-    region_after = [plan.kept.index(i) for i in region if i in plan.kept]
+    region_after = [plan.kept.index(i) for i in layers if i in plan.kept]
     heal_curve = []
     if p.prune.heal_steps:
-        model, heal_curve = heal(model, processor, region_after, p, device)
-    shutil.rmtree(OUT, ignore_errors=True)
-    save_checkpoint(model.to("cpu"), processor, OUT)
+        model, heal_curve = heal(model, processor, region_after, p, device, data)
+    shutil.rmtree(out, ignore_errors=True)
+    save_checkpoint(model.to("cpu"), processor, out)
     layer_scores_chart(
         {p.prune.scorer: scores},
         protected,
-        CHART,
+        chart,
         title=f"{p.prune.scorer} of the tuned model (orange: protected; removed: {plan.removed})",
     )
-    metrics = {
+    result = {
         **plan.to_dict(),
         "scorer": p.prune.scorer,
         "scores": [round(s, 6) for s in scores],
         "ranking_outside_region": ranking,
-        "region": region,
+        "region": layers,
         "protected": protected,
         "region_after_pruning": region_after,
         "parameters_before": params_before,
         "parameters_after": parameter_count(model),
         "healing_steps": p.prune.heal_steps,
         "healing_final_loss": heal_curve[-1]["loss"] if heal_curve else None,
-        "scored_on": f"{len(data)} held-out questions",
+        "scored_on": f"{len(calibration)} held-out questions",
     }
-    write_json(METRICS, metrics)
+    write_json(metrics, result)
     print(f"pruned layers {plan.removed} ({plan.reason}); {len(plan.kept)} of {num_layers} remain")
-    return metrics
+    return result
 
 
 if __name__ == "__main__":

@@ -19,19 +19,23 @@ from vregion.config import ConfigError, load_params
 from vregion.plots import layer_scores_chart
 from vregion.region.select import choose_region
 
-SCORES = "reports/layer_scores.json"
-REGION = "reports/region.json"
-CHART = "reports/plots/layer_scores.png"
-METRICS = "metrics/region.json"
-
 
 @flow(name="region", log_prints=True)
-def region(params: str = "params.yaml") -> dict:
+def region(scores: str, out: str, chart: str, metrics: str, params: str = "params.yaml") -> dict:
+    """Choose the visual region.
+
+    Args:
+        scores: the probe's layer scores JSON
+        out: region JSON to write
+        chart: chart of the scores with the region marked, to write
+        metrics: metrics file to write
+        params: params file
+    """
     p = load_params(params)
-    if not Path(SCORES).is_file():
-        raise FileNotFoundError(f"{SCORES} not found: run `dvc repro probe` first")
-    probed = json.loads(Path(SCORES).read_text())
-    num_layers, scores = probed["num_layers"], probed["scores"]
+    if not Path(scores).is_file():
+        raise FileNotFoundError(f"{scores} not found: run `dvc repro probe` first")
+    probed = json.loads(Path(scores).read_text())
+    num_layers, layer_scores = probed["num_layers"], probed["scores"]
     r = p.region
     # `all` and `list` say which layers themselves; the default amount (0.25) must not refuse them
     amount = None if r.strategy in ("all", "list") else r.amount
@@ -40,7 +44,7 @@ def region(params: str = "params.yaml") -> dict:
             num_layers,
             r.strategy,
             amount,
-            scores=scores,
+            scores=layer_scores,
             most_important=r.most_important,
             seed=r.seed,
             layers=r.layers,
@@ -51,23 +55,23 @@ def region(params: str = "params.yaml") -> dict:
             field = "region"  # the amount, or a scorer the probe did not run: the message says
         known = "" if "the LLM has" in str(err) else f" (the LLM has {num_layers} layers)"
         raise ConfigError(f"{field}: {err}{known}") from None
-    write_json(REGION, choice.to_dict())
+    write_json(out, choice.to_dict())
     layer_scores_chart(
-        scores,
+        layer_scores,
         choice.layers,
-        CHART,
+        chart,
         title=f"Layer scores ({len(choice.layers)}/{num_layers} selected: {choice.strategy})",
     )
-    metrics = {
+    result = {
         "num_layers": num_layers,
         "region": choice.layers,
         "region_size": len(choice.layers),
         "region_percent": round(100 * len(choice.layers) / num_layers, 2),
         "strategy": choice.strategy,
     }
-    write_json(METRICS, metrics)
+    write_json(metrics, result)
     print(f"region: {choice.layers} ({choice.rule})")
-    return metrics
+    return result
 
 
 if __name__ == "__main__":

@@ -15,8 +15,6 @@ from prefect import flow
 from stages._common import run_stage
 from vregion.config import load_params
 
-OUT = Path("reports/summary.md")
-
 
 def read(path: str) -> dict:
     return json.loads(Path(path).read_text())
@@ -164,12 +162,10 @@ def cost_section(models: dict) -> str:
     )
 
 
-def summary(p) -> str:
-    region = read("reports/region.json")
-    train = read("metrics/train.json")
-    prune = read("metrics/prune.json")
-    ev = read("metrics/eval.json")
-    align = read("metrics/align.json") if Path("metrics/align.json").is_file() else {}
+def summary(p, region: str, align: str, train: str, prune: str, evaluation: str) -> str:
+    """The summary from the files of the stages before (paths as `report` takes them)."""
+    align = read(align) if Path(align).is_file() else {}
+    region, train, prune, ev = read(region), read(train), read(prune), read(evaluation)
     models = ev["models"]
     n = prune["num_layers_before"]
     parts = [
@@ -274,12 +270,32 @@ def summary(p) -> str:
 
 
 @flow(name="report", log_prints=True)
-def report(params: str = "params.yaml") -> str:
+def report(
+    region: str,
+    align_metrics: str,
+    train_metrics: str,
+    prune_metrics: str,
+    eval_metrics: str,
+    out: str,
+    params: str = "params.yaml",
+) -> str:
+    """Write the run's summary.
+
+    Args:
+        region: the region stage's region JSON
+        align_metrics: the align stage's metrics
+        train_metrics: the finetune stage's metrics
+        prune_metrics: the prune stage's metrics
+        eval_metrics: the evaluate stage's metrics
+        out: summary markdown to write
+        params: params file
+    """
     p = load_params(params)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(summary(p))
-    print(f"wrote {OUT}")
-    return str(OUT)
+    text = summary(p, region, align_metrics, train_metrics, prune_metrics, eval_metrics)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(text)
+    print(f"wrote {out}")
+    return out
 
 
 if __name__ == "__main__":

@@ -131,7 +131,8 @@ def flow_runs(api: str, tag: str | None = None) -> list[dict]:
 
 
 def make_pipeline_repo(repo: Path) -> Path:
-    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
+    # .dvcignore: directory deps (a whole package) must not hash the __pycache__ a run writes
+    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(ROOT / name, repo / name)
     for name in ("stages", "vregion", "infra"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))

@@ -256,6 +256,7 @@ def config_twin(name: str, tmp_path: Path, swap) -> Params:
 
 
 def test_llava15_config_twin_builds_its_base(llm_and_clip, tmp_path, monkeypatch, prefect_harness):
+    from stages._common import stage_defaults
     from stages.base import base
 
     def swap(raw):
@@ -268,7 +269,7 @@ def test_llava15_config_twin_builds_its_base(llm_and_clip, tmp_path, monkeypatch
 
     p = config_twin("llava15_7b_665k.yaml", tmp_path, swap)
     monkeypatch.chdir(tmp_path)
-    metrics = base(params="params.yaml")
+    metrics = base(params="params.yaml", **stage_defaults(base))
     assert metrics["projector"].endswith("mm_projector.bin") and metrics["llm_layers"] == 32
 
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "models/base").eval()
@@ -291,6 +292,7 @@ def test_llava15_config_twin_builds_its_base(llm_and_clip, tmp_path, monkeypatch
 
 
 def test_qwen25vl_config_twin_builds_its_base(llm_and_clip, tmp_path, monkeypatch, prefect_harness):
+    from stages._common import stage_defaults
     from stages.base import base
 
     source = tmp_path / "qwen"
@@ -311,7 +313,7 @@ def test_qwen25vl_config_twin_builds_its_base(llm_and_clip, tmp_path, monkeypatc
 
     p = config_twin("qwen25vl_7b_665k.yaml", tmp_path, swap)
     monkeypatch.chdir(tmp_path)
-    metrics = base(params="params.yaml")
+    metrics = base(params="params.yaml", **stage_defaults(base))
     out = tmp_path / "models/base"
 
     model = AutoModelForImageTextToText.from_pretrained(out).eval()

@@ -25,8 +25,9 @@ def test_a_harness_that_cannot_run_is_reported_and_gives_no_figure(monkeypatch, 
     assert status["lmms_eval"]["status"] == "not installed (no_such_module_here missing)"
     monkeypatch.setitem(hx.NEEDS, "lm_eval", ["no_such_module_here"])
     status = harness_status(p)
-    assert run_harnesses.fn(p, {"tuned": "models/tuned/merged"}, {}, status) == {"tuned": {}}
-    assert json.loads(Path("models/llm/exports.json").read_text()) == {}
+    ran = run_harnesses.fn(p, {"tuned": "tuned"}, {}, status, "data", "llm", "harness")
+    assert ran == {"tuned": {}}
+    assert json.loads(Path("llm/exports.json").read_text()) == {}
     section = harness_section({"harnesses": status, "models": {"tuned": {}}})
     assert (
         "**lmms-eval**: not installed (no_such_module_here missing); no figure from it." in section

@@ -51,6 +51,11 @@ def test_stage_help_says_what_it_does():
     )
     assert proc.returncode == 0
     assert "quarantine" in proc.stdout and "--params" in proc.stdout
+    shown = " ".join(proc.stdout.split())  # each path and its default, from dvc.yaml's cmd
+    assert (
+        "--base PATH base checkpoint (its processor counts tokens) (default: models/base)" in shown
+    )
+    assert "--out PATH data directory to write" in shown and "(default: data)" in shown
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +97,7 @@ def _llava_dir(root: Path) -> tuple[Path, Path]:
 def test_ingest_quarantines_bad_llava_records_and_keeps_valid_ones(
     tmp_path, monkeypatch, tiny_embedded_dir, prefect_harness
 ):
+    from stages._common import stage_defaults
     from stages.ingest import ingest
     from vregion.data.dataset import RecordFile
 
@@ -107,7 +113,9 @@ def test_ingest_quarantines_bad_llava_records_and_keeps_valid_ones(
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
-    metrics = ingest(source="mine", params="params.yaml")
+    paths = stage_defaults(ingest, "mine", "source")  # dvc.yaml's, relative to tmp_path
+    assert paths["out"] == "data/sources/mine"
+    metrics = ingest(source="mine", params="params.yaml", **paths)
 
     out = tmp_path / "data/sources/mine"
     records = RecordFile(out / "records.jsonl")
@@ -173,8 +181,11 @@ def test_ingest_of_an_unusable_file_exits_2_and_writes_no_records(
 def test_region_refuses_a_region_larger_than_the_model_and_writes_nothing(
     tmp_path, monkeypatch, prefect_harness
 ):
+    from stages._common import stage_defaults
     from stages.region import region
     from vregion.config import ConfigError
+
+    paths = stage_defaults(region)
 
     (tmp_path / "reports").mkdir()
     scores = {"block_influence": [0.1, 0.4, 0.2, 0.3]}
@@ -184,24 +195,24 @@ def test_region_refuses_a_region_larger_than_the_model_and_writes_nothing(
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"region": {"amount": 9}}))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=r"region.amount: .*the LLM has 4 layers"):
-        region(params="params.yaml")
+        region(params="params.yaml", **paths)
     assert not (tmp_path / "reports/region.json").exists()
     # a scorer the probe did not run is named, and a valid top-k choice reads the scores
     (tmp_path / "params.yaml").write_text(
         yaml.safe_dump({"region": {"strategy": "topk:angular_distance", "amount": 2}})
     )
     with pytest.raises(ConfigError, match="angular_distance"):
-        region(params="params.yaml")
+        region(params="params.yaml", **paths)
     (tmp_path / "params.yaml").write_text(
         yaml.safe_dump({"region": {"strategy": "topk:block_influence", "amount": 2}})
     )
-    metrics = region(params="params.yaml")
+    metrics = region(params="params.yaml", **paths)
     assert metrics["region"] == [1, 3] and metrics["region_percent"] == 50.0
     chosen = json.loads((tmp_path / "reports/region.json").read_text())
     assert chosen["layers"] == [1, 3] and chosen["scorer"] == "block_influence"
     # `all` takes every layer whatever the (default) size says
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"region": {"strategy": "all"}}))
-    assert region(params="params.yaml")["region"] == [0, 1, 2, 3]
+    assert region(params="params.yaml", **paths)["region"] == [0, 1, 2, 3]
 
 
 def test_align_skip_keeps_the_base_as_hard_links(
@@ -209,6 +220,7 @@ def test_align_skip_keeps_the_base_as_hard_links(
 ):
     from safetensors.torch import load_file
 
+    from stages._common import stage_defaults
     from stages.align import align
 
     base, _ = tiny_embedded_dir
@@ -218,7 +230,7 @@ def test_align_skip_keeps_the_base_as_hard_links(
     params = {"model": {"base": "embedded-tiny"}, "align": {"skip": True}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)  # no data/: a skipped align reads none
-    metrics = align(params="params.yaml")
+    metrics = align(params="params.yaml", **stage_defaults(align))
 
     base, aligned = tmp_path / "models" / "base", tmp_path / "models" / "aligned"
     files = sorted(p.relative_to(base) for p in base.rglob("*") if p.is_file())
