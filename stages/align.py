@@ -22,7 +22,7 @@ from vregion.devices import pick_device, resolve_precision
 from vregion.models.base import EMBEDDED, link_checkpoint, save_checkpoint
 from vregion.models.loading import load_lvlm
 from vregion.train.align import train_alignment
-from vregion.train.loop import ImageSet
+from vregion.data.imageset import ImageSet
 
 BASE = "models/base"
 DATA = "data"

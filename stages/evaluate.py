@@ -35,7 +35,7 @@ from vregion.eval.visual import accuracy_table, predict_choices
 from vregion.models.loading import load_lvlm
 from vregion.plots import accuracy_chart, line_chart, note_chart
 from vregion.prune import temporarily_pruned
-from vregion.train.loop import ImageSet
+from vregion.data.imageset import ImageSet
 
 DATA = "data"
 MODELS = {"aligned": "models/aligned", "tuned": "models/tuned/merged", "pruned": "models/pruned"}

@@ -20,7 +20,7 @@ from vregion.eval.visual import (
     with_answer,
 )
 from vregion.models.loading import load_lvlm
-from vregion.train.loop import ImageSet, LazyImages
+from vregion.data.imageset import ImageSet, LazyImages
 
 SYSTEM = "Answer briefly."
 

@@ -348,7 +348,8 @@ def test_lm_eval_scores_each_reply_as_vregions_scorer_does(harness_run):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from vregion.data.text_skill import _reply_logprobs, read_text_set, tokenize_reply
+    from vregion.data.text_skill import read_text_set
+    from vregion.eval.text_skill import _reply_logprobs, tokenize_reply
 
     repo, _ = harness_run
     llm_dir = repo / "models" / "llm" / "tuned"

@@ -17,11 +17,12 @@ import torch
 
 from vregion.data.dataset import part_from_dict
 from vregion.data.encode import prompt_batch
-from vregion.data.text_skill import read_text_set, score_text_skill
+from vregion.data.imageset import ImageSet
+from vregion.data.text_skill import read_text_set
 from vregion.devices import peak_memory_mb, pick_device, resolve_precision
 from vregion.eval.speed import generation_speed, parameter_count, size_on_disk
+from vregion.eval.text_skill import score_text_skill
 from vregion.eval.visual import open_answer_accuracy, visual_accuracy
-from vregion.train.loop import ImageSet
 
 
 @dataclass

@@ -103,7 +103,7 @@ def export_llm(lvlm_dir: str | Path, out_dir: str | Path) -> dict:
 def write_text_mc_data(items: list[dict], tokenizer, system_prompt: str, path: Path) -> int:
     """The multiple-choice text-skill items as `vregion_text_mc` rows: the chat context and each
     reply with its end-of-turn token, split where `score_text_skill` starts scoring."""
-    from vregion.data.text_skill import reply_split
+    from vregion.eval.text_skill import reply_split
 
     rows = []
     for item in items:

@@ -22,7 +22,7 @@ from vregion.data.encode import collate, encode_sample, render, to_messages
 from vregion.data.records import Sample
 from vregion.devices import autocast
 from vregion.progress import track
-from vregion.train.loop import ImageSet, take
+from vregion.data.imageset import ImageSet, take
 
 
 def with_answer(sample: Sample, answer: str) -> Sample:
