@@ -114,3 +114,21 @@ def evaluate_isolated(job: EvalJob) -> dict:
 
 def checkpoint_exists(path: str | Path) -> bool:
     return (Path(path) / "config.json").is_file()
+
+
+def add_comparisons(results: dict, base_text: dict | None, baseline: str | None) -> None:
+    """Text skill against the base LLM, and visual retention % against `baseline`."""
+    ref = results.get(baseline, {}).get("visual") if baseline else None
+    for r in results.values():
+        if base_text and "text" in r:
+            r["text"]["mc_accuracy_vs_base"] = round(
+                r["text"]["mc_accuracy"] - base_text["mc_accuracy"], 4
+            )
+            r["text"]["answer_nll_vs_base"] = round(
+                r["text"]["answer_nll"] - base_text["answer_nll"], 4
+            )
+        if ref and "visual" in r:
+            for kind, row in r["visual"].items():
+                row["retention_percent"] = round(
+                    100 * row["accuracy"] / max(ref[kind]["accuracy"], 1e-9), 2
+                )

@@ -288,3 +288,26 @@ def _tail(path: Path, n: int = 25) -> str:
     text = path.read_text(errors="replace") if path.exists() else ""
     lines = re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines()  # loguru's colours
     return "\n".join(lines[-n:])
+
+
+def harness_status(evaluate) -> dict:
+    """What each harness will do for `evaluate` (the params' `evaluate` section): the tasks and
+    settings, or why it does not run."""
+    out = {}
+    for harness in ("lm_eval", "lmms_eval"):
+        cfg = getattr(evaluate, harness)
+        missing = harness_missing(harness)
+        status = (
+            "not requested"
+            if not cfg.tasks
+            else f"not installed ({', '.join(missing)} missing)"
+            if missing
+            else "ran"
+        )
+        out[harness] = {
+            "status": status,
+            "version": harness_version(harness),
+            "tasks": cfg.tasks,
+            "limit": cfg.limit,
+        }
+    return out
