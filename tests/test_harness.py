@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_a_harness_that_cannot_run_is_reported_and_gives_no_figure(monkeypatch, tmp_path):
     from stages.evaluate import run_harnesses
-    from stages.report import harness_section
+    from vregion.report import harness_section
 
     monkeypatch.setitem(hx.NEEDS, "lmms_eval", ["lmms_eval", "no_such_module_here"])
     monkeypatch.chdir(tmp_path)

@@ -373,7 +373,7 @@ def test_lm_eval_scores_each_reply_as_vregions_scorer_does(harness_run):
 
 
 def test_report_shows_harness_figures_beside_vregions_own(harness_run):
-    from stages.report import harness_section
+    from vregion.report import harness_section
 
     repo, ev = harness_run
     section = harness_section(ev)

@@ -1,6 +1,6 @@
 """The comparison report of a sweep: tables, charts and the paper's figures beside ours.
 
-Input: for each finished run (`vregion.sweep.Run`), the metrics files its experiment
+Input: for each finished run (`vregion.sweep.plan.Run`), the metrics files its experiment
 committed (metrics/eval.json, train.json, region.json). Every number in the report is copied
 from those files or is a ratio of two of them; `comparison.json` keeps the copied values with
 the experiment revision they came from, so they can be checked against the files.
@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from vregion.plots import _save, line_chart
+from vregion.plots import line_chart, save_figure
 
 PAPER_SOURCE = (
     "Wang et al., arXiv 2412.12785 (ACL 2025), as summarised in DESIGN.md §2 "
@@ -345,7 +345,7 @@ def charts(by_label: Mapping[str, Mapping[str, dict]], out_dir: Path) -> dict[st
         ax.set_title("Retention vs layers tuned")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-        made["retention"] = _save(fig, out_dir / "retention_vs_layers.png").name
+        made["retention"] = save_figure(fig, out_dir / "retention_vs_layers.png").name
     strategies = by_label.get("strategies", {})
     if len(strategies) >= 2:
         rows = sorted(strategies.items(), key=lambda kv: kv[1]["accuracy"])
@@ -364,7 +364,7 @@ def charts(by_label: Mapping[str, Mapping[str, dict]], out_dir: Path) -> dict[st
         ax.set_xlim(0.3, min(1.0, max(r["accuracy"] for _, r in rows) + 0.1))
         ax.set_title("Layer selection: 25% of the layers by each rule, and all layers")
         ax.grid(axis="x", alpha=0.3)
-        made["strategies"] = _save(fig, out_dir / "strategies.png").name
+        made["strategies"] = save_figure(fig, out_dir / "strategies.png").name
     pruning = by_label.get("pruning", {})
     curves = {
         label: (
