@@ -36,21 +36,8 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from flows.commands import run_dvc, stream  # noqa: E402
-from vregion.sweep.compare import (  # noqa: E402
-    add_ratios,
-    charts,
-    claims,
-    comparison_markdown,
-    run_row,
-)
-from vregion.sweep.experiments import (  # noqa: E402
-    METRIC_FILES,
-    committed_metrics,
-    committed_params,
-    experiments,
-    finished,
-    head_commit,
-)
+from vregion.sweep.compare import reference_figures, write_report  # noqa: E402
+from vregion.sweep.experiments import experiments, finished, head_commit  # noqa: E402
 from vregion.sweep.plan import SWEEPS, Run, plan_runs  # noqa: E402
 
 RESULTS = "results"
@@ -116,59 +103,6 @@ def queue_and_run(repo: str, runs: list[Run], jobs: int) -> None:
         raise PipelineError(f"`dvc exp run --run-all` failed ({code}); last lines:\n{tail}")
 
 
-def write_report(repo: Path, runs: list[Run], done: dict[str, str], reference: dict) -> Path:
-    """results/comparison.{md,json} and results/plots/ from the finished runs."""
-    rows = {}
-    for run in runs:
-        if run.name in done:
-            rev = done[run.name]
-            metrics = {k: committed_metrics(repo, rev, f) for k, f in METRIC_FILES.items()}
-            params = committed_params(repo, rev) or {}
-            curve_n = params.get("evaluate", {}).get("curve_samples")
-            rows[run.name] = run_row(run.name, run.name, metrics, rev, curve_n)
-    baseline = rows.get("all-layers")
-    add_ratios(list(rows.values()), baseline)
-    by_label: dict[str, dict[str, dict]] = {s: {} for s in SWEEPS}
-    for run in runs:
-        for sweep, label in run.labels:
-            if run.name in rows:
-                by_label[sweep][label] = {**rows[run.name], "label": label}
-    by_label["sizes"] = dict(sorted(by_label["sizes"].items(), key=lambda kv: kv[1]["region_size"]))
-    out = repo / RESULTS
-    (out / "plots").mkdir(parents=True, exist_ok=True)
-    pictures = charts(by_label, out / "plots")
-    claim_rows = claims(by_label)
-    missing = [r.name for r in runs if r.name not in done]
-    markdown = comparison_markdown(by_label, claim_rows, pictures, reference, COMMAND, missing)
-    (out / "comparison.md").write_text(markdown)
-    (out / "comparison.json").write_text(
-        json.dumps(
-            {"runs": rows, "sweeps": by_label, "claims": claim_rows, "missing": missing},
-            indent=2,
-        )
-        + "\n"
-    )
-    return out / "comparison.md"
-
-
-def reference_figures(repo: Path) -> dict:
-    """The aligned model's accuracy and the base LLM's text skill from the main pipeline."""
-    path = repo / "metrics" / "eval.json"
-    if not path.is_file():
-        return {}
-    ev = json.loads(path.read_text())
-    ref = {}
-    aligned = ev.get("models", {}).get("aligned")
-    if aligned:
-        v = aligned["visual"]["overall"]
-        ref["aligned model (before tuning): visual accuracy"] = (
-            f"{v['accuracy']:.3f} (blind {v['blind']:.3f})"
-        )
-    if ev.get("base_text"):
-        ref["base LLM text MC accuracy"] = f"{ev['base_text']['mc_accuracy']:.3f}"
-    return ref
-
-
 @flow(name="vregion-sweep", log_prints=True)
 def sweep(
     repo: str = ".", sweeps: list[str] | None = None, jobs: int = 1, run: bool = True
@@ -197,7 +131,7 @@ def sweep(
         head = head_commit(path)
         queue_and_run(str(path), todo, jobs)
         done = finished(path, runs, base_params, baseline=head)
-    report = write_report(path, runs, done, reference_figures(path))
+    report = write_report(path, runs, done, reference_figures(path), COMMAND, RESULTS)
     create_markdown_artifact(
         markdown=report.read_text(), key="vregion-comparison", description="the sweep's report"
     )
