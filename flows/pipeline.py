@@ -41,9 +41,7 @@ for _key, _value in {
 import argparse  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
-from collections import deque  # noqa: E402
 from collections.abc import Iterable, Mapping  # noqa: E402
 from pathlib import Path  # noqa: E402
 from urllib.parse import urlsplit  # noqa: E402
@@ -53,12 +51,12 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402
 
+from flows.commands import run_dvc, stream  # noqa: E402
 from vregion.storage import S3Settings, StorageError, check_s3  # noqa: E402
 
 METRICS_ARTIFACT = "vregion-metrics"
 RETRY_DELAY_ENV = "VREGION_RETRY_DELAY"
 RETRIES_ENV = "VREGION_RETRIES"
-TAIL_LINES = 30
 
 # Text in an S3 / dvc error that means "try again later" ...
 _TRANSIENT = re.compile(
@@ -174,20 +172,9 @@ def _param_value(value: object) -> str:
     return str(value)
 
 
-def _dvc(repo: str | Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "dvc", *args],
-        cwd=repo,
-        env={**os.environ, "DVC_NO_ANALYTICS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 def default_remote(repo: str | Path) -> str | None:
     """Name of the DVC repo's default remote, or None."""
-    out = _dvc(repo, "remote", "default")
+    out = run_dvc(repo, "remote", "default")
     name = out.stdout.strip()
     return name if out.returncode == 0 and name else None
 
@@ -195,7 +182,7 @@ def default_remote(repo: str | Path) -> str | None:
 def remote_settings(repo: str | Path, name: str) -> S3Settings | None:
     """S3Settings for DVC remote `name` (url, endpoint, region, keys from config and
     config.local); keys fall back to the environment. None for a non-S3 remote."""
-    out = _dvc(repo, "config", "--list")
+    out = run_dvc(repo, "config", "--list")
     if out.returncode != 0:
         raise PipelineError(f"`dvc config --list` failed in {repo}: {out.stderr.strip()}")
     conf: dict[str, str] = {}
@@ -219,28 +206,6 @@ def remote_settings(repo: str | Path, name: str) -> S3Settings | None:
         access_key_id=key,
         secret_access_key=secret,
     )
-
-
-def _stream(cmd: list[str], repo: str | Path, env: Mapping[str, str], logger) -> tuple[int, str]:
-    """Run `cmd`, log each output line as it comes; (exit code, last lines)."""
-    tail: deque[str] = deque(maxlen=TAIL_LINES)
-    with subprocess.Popen(
-        cmd,
-        cwd=repo,
-        env=dict(env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        bufsize=1,
-    ) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip()
-            if line:
-                tail.append(line)
-                logger.info(line)
-        code = proc.wait()
-    return code, "\n".join(tail)
 
 
 @task(
@@ -273,7 +238,7 @@ def reproduce(
     shown = " ".join(["dvc", *cmd[3:]])
     env = child_env({"VREGION_RUN_ID": group_id()})  # the stages' runs carry our tag
     logger.info("running `%s` in %s (Prefect API: %s)", shown, repo, env.get("PREFECT_API_URL"))
-    code, tail = _stream(cmd, repo, env, logger)
+    code, tail = stream(cmd, repo, env, logger)
     if code != 0:
         raise PipelineError(f"`{shown}` failed with exit code {code}; last lines:\n{tail}")
     return tail
@@ -295,7 +260,7 @@ def push_outputs(repo: str, settings: S3Settings | None = None, remote: str | No
         except StorageError as err:
             raise classify_storage_error(str(err)) from None
     cmd = [sys.executable, "-m", "dvc", "push", *(["-r", remote] if remote else [])]
-    code, tail = _stream(cmd, repo, child_env(), logger)
+    code, tail = stream(cmd, repo, child_env(), logger)
     if code != 0:
         where = settings.where if settings else f"DVC remote {remote or '(default)'}"
         raise classify_storage_error(
@@ -330,7 +295,7 @@ def metrics_table(metrics: Mapping[str, Mapping[str, object]]) -> str:
 def publish_metrics(repo: str, title: str = "vregion metrics") -> dict:
     """`dvc metrics show --json` as the `vregion-metrics` markdown artifact; returns
     {metrics file: {metric: value}}."""
-    out = _dvc(repo, "metrics", "show", "--json")
+    out = run_dvc(repo, "metrics", "show", "--json")
     if out.returncode != 0:
         raise PipelineError(f"`dvc metrics show --json` failed: {out.stderr.strip()[-2000:]}")
     shown = json.loads(out.stdout or "{}")

@@ -9,7 +9,7 @@ What `run` does (a Prefect flow, `vregion-sweep`; each DVC stage inside is its o
 
 1. `dvc repro probe`: the stages every run shares (base, prepare, align, probe) are built once
    and cached; their results give the layer count and the probe's scorers.
-2. The runs (`vregion/sweep.py`) whose experiment already exists on this commit with the same
+2. The runs (`vregion/sweep/plan.py`) whose experiment already exists on this commit with the same
    params are reused; the others are queued (`dvc exp run --queue -n NAME -S ...`) and run
    (`dvc exp run --run-all`). Inside each, DVC restores every stage whose inputs did not change
    from its cache (the run-cache), so only `region` onwards runs, and a rerun after a new
@@ -23,12 +23,10 @@ What `run` does (a Prefect flow, `vregion-sweep`; each DVC stage inside is its o
 from __future__ import annotations
 
 # flows.pipeline first: importing it sets the offline/quiet defaults before Prefect loads.
-from flows.pipeline import PipelineError, _stream, child_env  # isort: skip
-from flows.pipeline import _dvc as pipeline_dvc  # isort: skip
+from flows.pipeline import PipelineError, child_env  # isort: skip
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -37,9 +35,11 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
+from flows.commands import run_dvc, stream  # noqa: E402
 from stages import _dvcfile  # noqa: E402
-from vregion.compare import add_ratios, charts, claims, comparison_markdown, run_row  # noqa: E402
-from vregion.sweep import SWEEPS, Run, expected_params, plan_runs  # noqa: E402
+from vregion.sweep.compare import reference_figures, write_report  # noqa: E402
+from vregion.sweep.experiments import experiments, finished, head_commit  # noqa: E402
+from vregion.sweep.plan import SWEEPS, Run, plan_runs  # noqa: E402
 
 RESULTS = "results"
 COMMAND = "python -m flows.sweep run"
@@ -56,72 +56,11 @@ def metric_files(repo: Path) -> dict[str, str]:
     return {"eval": p["eval_metrics"], "train": p["train_metrics"], "region": p["region_metrics"]}
 
 
-def _git(repo: Path, *args: str) -> str:
-    out = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=60)
-    if out.returncode != 0:
-        raise PipelineError(f"`git {' '.join(args)}` failed in {repo}: {out.stderr.strip()}")
-    return out.stdout
-
-
 def _dvc(repo: Path, *args: str, timeout: float = 600) -> str:
-    out = pipeline_dvc(repo, *args, timeout=timeout)
+    out = run_dvc(repo, *args, timeout=timeout)
     if out.returncode != 0:
         raise PipelineError(f"`dvc {' '.join(args)}` failed: {(out.stdout + out.stderr)[-3000:]}")
     return out.stdout
-
-
-def experiments(
-    repo: Path, any_baseline: bool = False, baseline: str | None = None
-) -> dict[str, str]:
-    """{experiment name: commit} for the experiments of the current commit (DVC keeps them as
-    git refs refs/exps/<baseline[:2]>/<baseline[2:]>/<name>); with `any_baseline`, of any
-    commit, the current commit's first, then the newest. `baseline`: a commit other than HEAD
-    (the one a running sweep queued its experiments on)."""
-    head = baseline or _git(repo, "rev-parse", "HEAD").strip()
-    prefix = f"refs/exps/{head[:2]}/{head[2:]}/"
-    fmt = "--format=%(refname) %(objectname)"
-    out = _git(repo, "for-each-ref", "--sort=-committerdate", fmt, "refs/exps/")
-    found: dict[str, str] = {}
-    for line in out.splitlines():
-        ref, rev = line.split()
-        parts = ref.split("/")
-        if len(parts) != 5 or parts[-1] in ("exec", "celery", "temp"):
-            continue  # refs/exps/exec/..., refs/exps/celery/...: DVC's own bookkeeping
-        ours = ref.startswith(prefix)
-        if ours or (any_baseline and parts[-1] not in found):
-            found[parts[-1]] = rev
-    return found
-
-
-def read_committed(repo: Path, rev: str, path: str) -> dict | None:
-    """A JSON or YAML file as committed in `rev`, or None if it is not there."""
-    out = subprocess.run(
-        ["git", "show", f"{rev}:{path}"], cwd=repo, capture_output=True, text=True, timeout=60
-    )
-    if out.returncode != 0:
-        return None
-    return yaml.safe_load(out.stdout)
-
-
-def finished(
-    repo: Path,
-    runs: list[Run],
-    base_params: dict,
-    any_baseline: bool = False,
-    baseline: str | None = None,
-) -> dict[str, str]:
-    """{run name: experiment commit} for runs whose experiment exists with the run's params
-    and every metrics file the report reads (of this commit, or with `any_baseline` of any)."""
-    done = {}
-    for name, rev in experiments(repo, any_baseline, baseline).items():
-        run = next((r for r in runs if r.name == name), None)
-        if run is None:
-            continue
-        if read_committed(repo, rev, "params.yaml") != expected_params(base_params, run):
-            continue
-        if all(read_committed(repo, rev, f) for f in metric_files(repo).values()):
-            done[name] = rev
-    return done
 
 
 @task(name="shared-stages", cache_policy=NO_CACHE)
@@ -129,7 +68,7 @@ def shared_stages(repo: str) -> dict:
     """`dvc repro probe` (base, prepare, align, probe), then the probe's layer count and scorers."""
     logger = get_run_logger()
     cmd = [sys.executable, "-m", "dvc", "repro", "probe"]
-    code, tail = _stream(cmd, repo, child_env(), logger)
+    code, tail = stream(cmd, repo, child_env(), logger)
     if code != 0:
         raise PipelineError(f"`dvc repro probe` failed ({code}); last lines:\n{tail}")
     return _shape_from_scores(Path(repo))
@@ -171,62 +110,9 @@ def queue_and_run(repo: str, runs: list[Run], jobs: int) -> None:
     if stale:
         logger.info("dropped %d stale shutdown message(s) left by `dvc queue stop`", stale)
     cmd = [sys.executable, "-m", "dvc", "exp", "run", "--run-all", "--jobs", str(jobs)]
-    code, tail = _stream(cmd, repo, child_env(), logger)
+    code, tail = stream(cmd, repo, child_env(), logger)
     if code != 0:
         raise PipelineError(f"`dvc exp run --run-all` failed ({code}); last lines:\n{tail}")
-
-
-def write_report(repo: Path, runs: list[Run], done: dict[str, str], reference: dict) -> Path:
-    """results/comparison.{md,json} and results/plots/ from the finished runs."""
-    rows = {}
-    for run in runs:
-        if run.name in done:
-            rev = done[run.name]
-            metrics = {k: read_committed(repo, rev, f) for k, f in metric_files(repo).items()}
-            params = read_committed(repo, rev, "params.yaml") or {}
-            curve_n = params.get("evaluate", {}).get("curve_samples")
-            rows[run.name] = run_row(run.name, run.name, metrics, rev, curve_n)
-    baseline = rows.get("all-layers")
-    add_ratios(list(rows.values()), baseline)
-    by_label: dict[str, dict[str, dict]] = {s: {} for s in SWEEPS}
-    for run in runs:
-        for sweep, label in run.labels:
-            if run.name in rows:
-                by_label[sweep][label] = {**rows[run.name], "label": label}
-    by_label["sizes"] = dict(sorted(by_label["sizes"].items(), key=lambda kv: kv[1]["region_size"]))
-    out = repo / RESULTS
-    (out / "plots").mkdir(parents=True, exist_ok=True)
-    pictures = charts(by_label, out / "plots")
-    claim_rows = claims(by_label)
-    missing = [r.name for r in runs if r.name not in done]
-    markdown = comparison_markdown(by_label, claim_rows, pictures, reference, COMMAND, missing)
-    (out / "comparison.md").write_text(markdown)
-    (out / "comparison.json").write_text(
-        json.dumps(
-            {"runs": rows, "sweeps": by_label, "claims": claim_rows, "missing": missing},
-            indent=2,
-        )
-        + "\n"
-    )
-    return out / "comparison.md"
-
-
-def reference_figures(repo: Path) -> dict:
-    """The aligned model's accuracy and the base LLM's text skill from the main pipeline."""
-    path = repo / paths(repo)["eval_metrics"]
-    if not path.is_file():
-        return {}
-    ev = json.loads(path.read_text())
-    ref = {}
-    aligned = ev.get("models", {}).get("aligned")
-    if aligned:
-        v = aligned["visual"]["overall"]
-        ref["aligned model (before tuning): visual accuracy"] = (
-            f"{v['accuracy']:.3f} (blind {v['blind']:.3f})"
-        )
-    if ev.get("base_text"):
-        ref["base LLM text MC accuracy"] = f"{ev['base_text']['mc_accuracy']:.3f}"
-    return ref
 
 
 @flow(name="vregion-sweep", log_prints=True)
@@ -248,16 +134,18 @@ def sweep(
     runs = plan_runs(shape["num_layers"], scorers, sweeps)
     # `run` reuses only this commit's experiments (older ones rerun, their stages mostly from
     # the DVC run-cache); `report` shows the newest finished run of each, whatever its commit.
-    done = finished(path, runs, base_params, any_baseline=not run)
+    done = finished(path, runs, base_params, metric_files(path), any_baseline=not run)
     todo = [r for r in runs if r.name not in done]
     print(f"{len(runs)} runs: {len(done)} finished, {len(todo)} to run")
     if run and todo:
         # the experiments are queued on this commit; a commit made while they run must not
         # hide them from the report
-        head = _git(path, "rev-parse", "HEAD").strip()
+        head = head_commit(path)
         queue_and_run(str(path), todo, jobs)
-        done = finished(path, runs, base_params, baseline=head)
-    report = write_report(path, runs, done, reference_figures(path))
+        done = finished(path, runs, base_params, metric_files(path), baseline=head)
+    report = write_report(
+        path, runs, done, reference_figures(path), COMMAND, metric_files(path), RESULTS
+    )
     create_markdown_artifact(
         markdown=report.read_text(), key="vregion-comparison", description="the sweep's report"
     )

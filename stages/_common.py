@@ -66,16 +66,6 @@ class _ActionableErrorsWithoutTraceback(logging.Filter):
         return True
 
 
-def region_layers(path: str | Path) -> list[int]:
-    """The layers of the region the region stage chose (reports/region.json)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no region yet; run `dvc repro region` first")
-    layers = json.loads(Path(path).read_text()).get("layers")
-    if not layers:
-        raise ConfigError(f"{path}: no `layers` list (re-run the region stage)")
-    return layers
-
-
 def _path_params(flow: Callable[..., object], positional: str | None) -> list[str]:
     """The flow's path parameters: all but `params` and the positional one."""
     names = inspect.signature(flow.fn).parameters

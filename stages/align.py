@@ -18,11 +18,11 @@ from prefect import flow
 from stages._common import run_stage, write_csv, write_json
 from vregion.config import load_params
 from vregion.data.dataset import RecordDataset, resolve_mix, sample_parts
+from vregion.data.imageset import ImageSet
 from vregion.devices import pick_device, resolve_precision
 from vregion.models.base import EMBEDDED, link_checkpoint, save_checkpoint
 from vregion.models.loading import load_lvlm
 from vregion.train.align import train_alignment
-from vregion.train.loop import ImageSet
 
 CURVE_FIELDS = ["step", "loss", "lr", "seconds"]
 

@@ -26,16 +26,19 @@ from prefect import flow, task
 
 from stages._common import run_stage, write_csv, write_json
 from vregion.config import ConfigError, Params, load_params
-from vregion.data.dataset import balanced_parts, part_to_dict, resolve_mix
+from vregion.data.dataset import balanced_parts, balanced_set, part_to_dict, resolve_mix
 from vregion.data.text_skill import read_text_set
 from vregion.devices import pick_device, resolve_precision
 from vregion.eval import harness as hx
-from vregion.eval.checkpoint import EvalJob, checkpoint_exists, evaluate_isolated
-from vregion.eval.visual import accuracy_table, predict_choices
+from vregion.eval.checkpoint import (
+    EvalJob,
+    add_comparisons,
+    checkpoint_exists,
+    evaluate_isolated,
+)
+from vregion.eval.visual import pruning_curve
 from vregion.models.loading import load_lvlm
 from vregion.plots import accuracy_chart, line_chart, note_chart
-from vregion.prune import temporarily_pruned
-from vregion.train.loop import ImageSet
 
 
 def text_items(data: str) -> str:
@@ -86,60 +89,21 @@ def prune_curve(p: Params, tuned: str, prune_metrics: str, data: str) -> list[di
     ranking = json.loads(Path(prune_metrics).read_text())["ranking_outside_region"]
     ks = [k for k in p.evaluate.prune_curve if k <= len(ranking)]
     source = next(e for e in p.evaluate.data if e.source.startswith("synthetic/"))
-    parts = resolve_mix([source], p.model.seed, data)
-    questions = ImageSet.from_parts(balanced_parts(parts, p.evaluate.curve_samples, p.model.seed))
+    questions = balanced_set([source], p.evaluate.curve_samples, p.model.seed, data)
     device = pick_device()
     model, processor = load_lvlm(tuned)
     model.to(device).eval()
-    rows = []
-    for k in ks:
-        with temporarily_pruned(model, sorted(ranking[:k])) as pruned:
-            preds = predict_choices(
-                pruned,
-                processor,
-                questions,
-                p.model.system_prompt,
-                batch_size=p.evaluate.batch_size,
-                precision=resolve_precision(p.evaluate.precision, device),
-                device=device,
-                desc=f"curve: {k} removed",
-            )
-        table = accuracy_table(questions.samples, preds)
-        rows.append(
-            {
-                "layers_removed": k,
-                "removed": sorted(ranking[:k]),
-                "accuracy": table["overall"]["accuracy"],
-                **{
-                    f"accuracy_{kind}": v["accuracy"]
-                    for kind, v in table.items()
-                    if kind != "overall"
-                },
-            }
-        )
-    return rows
-
-
-def harness_status(p: Params) -> dict:
-    """What each harness will do: the tasks and settings, or why it does not run."""
-    out = {}
-    for harness in ("lm_eval", "lmms_eval"):
-        cfg = getattr(p.evaluate, harness)
-        missing = hx.harness_missing(harness)
-        status = (
-            "not requested"
-            if not cfg.tasks
-            else f"not installed ({', '.join(missing)} missing)"
-            if missing
-            else "ran"
-        )
-        out[harness] = {
-            "status": status,
-            "version": hx.harness_version(harness),
-            "tasks": cfg.tasks,
-            "limit": cfg.limit,
-        }
-    return out
+    return pruning_curve(
+        model,
+        processor,
+        questions,
+        ranking,
+        ks,
+        p.model.system_prompt,
+        batch_size=p.evaluate.batch_size,
+        precision=resolve_precision(p.evaluate.precision, device),
+        device=device,
+    )
 
 
 @task(name="harnesses")
@@ -224,24 +188,6 @@ def run_harnesses(
     return out
 
 
-def add_comparisons(results: dict, base_text: dict | None, baseline: str | None) -> None:
-    """Text skill against the base LLM, and visual retention % against `baseline`."""
-    ref = results.get(baseline, {}).get("visual") if baseline else None
-    for r in results.values():
-        if base_text and "text" in r:
-            r["text"]["mc_accuracy_vs_base"] = round(
-                r["text"]["mc_accuracy"] - base_text["mc_accuracy"], 4
-            )
-            r["text"]["answer_nll_vs_base"] = round(
-                r["text"]["answer_nll"] - base_text["answer_nll"], 4
-            )
-        if ref and "visual" in r:
-            for kind, row in r["visual"].items():
-                row["retention_percent"] = round(
-                    100 * row["accuracy"] / max(ref[kind]["accuracy"], 1e-9), 2
-                )
-
-
 @flow(name="evaluate", log_prints=True)
 def evaluate(
     base: str,
@@ -292,7 +238,7 @@ def evaluate(
         )
     Path(metrics).unlink(missing_ok=True)  # a failing run leaves no metrics, not stale ones
     sets = eval_sets(p, data)
-    status = harness_status(p)
+    status = hx.harness_status(p.evaluate)
     harness_results = run_harnesses(p, models, sets, status, data, llm_exports, harness_dir)
     write_json(Path(harness_dir) / "harness.json", status)
     results = {name: measure(name, eval_job(p, path, sets, data)) for name, path in models.items()}

@@ -10,29 +10,31 @@ sees: held-out accuracy per question kind beside a blind control (images shuffle
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
-import statistics
 import sys
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from stages._common import log, region_layers, run_stage, write_csv, write_json
-from vregion.config import DataMix, FinetuneConfig, Params, load_params
-from vregion.data.dataset import balanced_parts, resolve_mix, total_steps
+from stages._common import log, run_stage, write_csv, write_json
+from vregion.config import FinetuneConfig, Params, load_params
+from vregion.data.dataset import balanced_set, resolve_mix, total_steps
 from vregion.devices import gpu_available, pick_device, resolve_precision
 from vregion.distributed import forget_run, local_ray, progress_relay
-from vregion.eval.visual import visual_accuracy
+from vregion.eval.visual import held_out_check
 from vregion.models.loading import load_lvlm
 from vregion.plots import accuracy_chart, note_chart
-from vregion.train.finetune import FinetuneJob, export_tuned, job_dataset, run_finetune
-from vregion.train.loop import ImageSet, deranged, mean_answer_loss
+from vregion.region.select import region_layers
+from vregion.train.finetune import (
+    FinetuneJob,
+    export_tuned,
+    job_dataset,
+    run_finetune,
+    run_name,
+    train_metrics,
+)
 
 
 def build_job(p: Params, layers: list[int], aligned: str, data: str) -> FinetuneJob:
@@ -66,85 +68,23 @@ def build_job(p: Params, layers: list[int], aligned: str, data: str) -> Finetune
     )
 
 
-def run_name(job: FinetuneJob) -> str:
-    """Same job, same name: a rerun after an interruption finds and resumes its checkpoints."""
-    settings = {k: v for k, v in asdict(job).items() if k not in ("aligned", "data_dir")}
-    # A new aligned model or new records (a rerun of prepare/ingest): a new run.
-    files = [Path(job.aligned, "model.safetensors")]
-    files += [
-        Path(part.records)
-        for part in resolve_mix([DataMix(**d) for d in job.data], job.seed, job.data_dir)
-    ]
-    stamps = [f.stat().st_mtime_ns if f.is_file() else 0 for f in files]
-    digest = hashlib.sha1(json.dumps([settings, stamps], sort_keys=True).encode()).hexdigest()
-    return f"finetune-{digest[:12]}"
-
-
-def train_metrics(
-    result_metrics: dict, curve: list[dict], job: FinetuneJob, use_gpu: bool, records: int
-) -> dict:
-    steps = [row["seconds"] for row in curve[1:]] or [row["seconds"] for row in curve]
-    per_step = statistics.median(steps)  # the first step pays for warm-up
-    world = result_metrics["world_size"]
-    tail = [row["loss"] for row in curve[-10:]]
-    return {
-        "region": job.layers,
-        "region_size": len(job.layers),
-        "data": [d["source"] for d in job.data],
-        "train_records": records,
-        "epochs": round(len(curve) * job.batch_size * job.grad_accum * world / records, 3),
-        "mode": job.mode,
-        "parallel": job.parallel if world > 1 else "none",
-        "steps": len(curve),
-        "world_size": world,
-        "use_gpu": use_gpu,
-        "precision": resolve_precision(
-            job.precision, pick_device() if use_gpu else torch.device("cpu")
-        ),
-        "seconds_per_step": round(per_step, 4),
-        "samples_per_second": round(job.batch_size * job.grad_accum * world / per_step, 3),
-        "train_seconds": round(sum(row["seconds"] for row in curve), 1),
-        "peak_memory_mb": result_metrics["peak_memory_mb"],
-        "trainable_params": result_metrics["trainable_params"],
-        "total_params": result_metrics["total_params"],
-        "trainable_percent": result_metrics["trainable_percent"],
-        "first_loss": curve[0]["loss"],
-        "final_loss": round(sum(tail) / len(tail), 5),
-        "resumed_from": result_metrics["resumed_from"],
-    }
-
-
 def check_vision(p: Params, checkpoint: str, data: str) -> tuple[str, dict]:
-    """The merged tuned model on held-out records, beside the blind control: accuracy per kind
-    when the records carry `choices`, else the answer loss (lower is better)."""
+    """The merged tuned model on held-out records, beside the blind control."""
     f = p.finetune
-    parts = resolve_mix(f.eval_data, p.model.seed, data)
-    held_out = ImageSet.from_parts(balanced_parts(parts, f.eval_samples, p.model.seed))
+    held_out = balanced_set(f.eval_data, f.eval_samples, p.model.seed, data)
     device = pick_device()
     model, processor = load_lvlm(checkpoint)
     model.to(device)
-    kw = dict(precision=resolve_precision(f.precision, device), device=device)
-    if all(s.choices for s in held_out.samples):
-        return "visual", visual_accuracy(
-            model,
-            processor,
-            held_out,
-            p.model.system_prompt,
-            batch_size=f.eval_batch_size,
-            seed=p.model.seed,
-            **kw,
-        )
-    n = len(held_out)
-    args = (model, processor, held_out, p.model.system_prompt)
-    loss = mean_answer_loss(*args, batch_size=f.eval_batch_size, **kw)
-    blind = mean_answer_loss(
-        *args,
+    return held_out_check(
+        model,
+        processor,
+        held_out,
+        p.model.system_prompt,
         batch_size=f.eval_batch_size,
-        images=deranged(held_out.images, p.model.seed),
-        desc="blind",
-        **kw,
+        precision=resolve_precision(f.precision, device),
+        device=device,
+        seed=p.model.seed,
     )
-    return "answer_loss", {"overall": {"loss": round(loss, 5), "blind": round(blind, 5), "n": n}}
 
 
 # The phases are tasks, so the run page shows where the time went.

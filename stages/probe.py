@@ -8,7 +8,6 @@ region is not chosen here, so that every region strategy and size shares these s
 
 from __future__ import annotations
 
-import copy
 import sys
 
 import torch
@@ -16,37 +15,14 @@ from prefect import flow
 
 from stages._common import run_stage, write_csv, write_json
 from vregion.config import load_params
-from vregion.data.dataset import RecordDataset, resolve_mix, sample_parts, training_loader
+from vregion.data.dataset import RecordDataset, resolve_mix, sample_parts
+from vregion.data.imageset import ImageSet
 from vregion.devices import pick_device, resolve_precision
 from vregion.models.layer_map import layer_map
 from vregion.models.loading import load_lvlm
 from vregion.region.scores import score_layers
-from vregion.train.loop import ImageSet, batches_of, train_steps
-from vregion.train.selective import LoraSettings, make_region_trainable, trainable_groups
-
-
-def probe_tune(model, processor, data: RecordDataset, p, device, precision):
-    """A short all-layer LoRA tuning on a copy; returns the merged tuned model and its curve."""
-    lmap = layer_map(model)
-    lora = LoraSettings(r=p.probe.lora_r, alpha=2 * p.probe.lora_r, dropout=0.05)
-    tuned = make_region_trainable(
-        copy.deepcopy(model), range(lmap.num_layers), mode="lora", lora=lora
-    )
-    groups = trainable_groups(tuned, projector_lr=p.probe.tune_lr, llm_lr=p.probe.tune_lr)
-    batches = training_loader(
-        data, min(p.probe.batch_size, len(data)), device=device, seed=p.model.seed, workers=0
-    )
-    curve = train_steps(
-        tuned,
-        batches,
-        groups,
-        steps=p.probe.tune_steps,
-        warmup_ratio=0.1,
-        precision=precision,
-        device=device,
-        desc="probe tuning (all layers)",
-    )
-    return tuned.merge_and_unload().eval(), curve
+from vregion.train.loop import batches_of
+from vregion.train.quick_tune import probe_tune
 
 
 @flow(name="probe", log_prints=True)

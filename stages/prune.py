@@ -13,10 +13,10 @@ import sys
 
 from prefect import flow
 
-from stages._common import region_layers, run_stage, write_json
-from vregion.config import ConfigError, Params, load_params
-from vregion.data.dataset import RecordDataset, balanced_parts, resolve_mix, training_loader
-from vregion.devices import pick_device, resolve_precision
+from stages._common import run_stage, write_json
+from vregion.config import ConfigError, load_params
+from vregion.data.dataset import balanced_set
+from vregion.devices import pick_device
 from vregion.eval.speed import parameter_count
 from vregion.models.base import save_checkpoint
 from vregion.models.layer_map import layer_map
@@ -24,36 +24,9 @@ from vregion.models.loading import load_lvlm
 from vregion.plots import layer_scores_chart
 from vregion.prune import plan_pruning, prune_llm_layers
 from vregion.region.scores import score_layers
-from vregion.train.loop import ImageSet, batches_of, train_steps
-from vregion.train.selective import LoraSettings, make_region_trainable, trainable_groups
-
-
-def heal(model, processor, region_after: list[int], p: Params, device, data: str):
-    """A short LoRA pass on the pruned model's region (and projector), merged back."""
-    f = p.finetune
-    lora = LoraSettings(r=f.lora_r, alpha=f.lora_alpha, dropout=f.lora_dropout)
-    model = make_region_trainable(model, region_after, mode="lora", lora=lora)
-    train = RecordDataset(resolve_mix(f.data, p.model.seed, data), processor, p.model.system_prompt)
-    batches = training_loader(
-        train, f.batch_size, device=device, seed=p.model.seed, workers=f.loader.workers
-    )
-    curve = train_steps(
-        model,
-        batches,
-        trainable_groups(model, projector_lr=f.projector_lr, llm_lr=p.prune.heal_lr),
-        steps=p.prune.heal_steps,
-        warmup_ratio=f.warmup_ratio,
-        precision=resolve_precision(f.precision, device),
-        device=device,
-        desc="healing",
-    )
-    return model.merge_and_unload(), curve
-
-
-def calibration_set(p: Params, data: str) -> ImageSet:
-    """`prune.samples` records of `prune.data`: balanced over kinds when they have kinds."""
-    parts = resolve_mix(p.prune.data, p.model.seed, data)
-    return ImageSet.from_parts(balanced_parts(parts, p.prune.samples, p.model.seed))
+from vregion.region.select import region_layers
+from vregion.train.loop import batches_of
+from vregion.train.quick_tune import heal
 
 
 @flow(name="prune", log_prints=True)
@@ -91,7 +64,7 @@ def prune(
         print(f"never pruned in {lmap.family}: {list(lmap.fixed_layers)} ({lmap.fixed_reason})")
         protected = sorted(set(protected) | set(lmap.fixed_layers))
     params_before = parameter_count(model)
-    calibration = calibration_set(p, data)
+    calibration = balanced_set(p.prune.data, p.prune.samples, p.model.seed, data)
     batches = list(batches_of(processor, calibration, p.model.system_prompt, p.prune.batch_size))
     scores = score_layers(model, batches, [p.prune.scorer])[p.prune.scorer]
     try:

@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from vregion.compare import add_ratios, charts, claims, gap_verdict, run_row, standard_error
+from vregion.sweep.compare import add_ratios, charts, claims, gap_verdict, run_row, standard_error
 
 
 def row(label: str, accuracy: float, n: int, size: int, layers: int = 30, **extra) -> dict:
@@ -140,7 +140,7 @@ def test_charts_draw_every_sweep_with_error_bars(tmp_path):
 
 
 def test_harness_figures_of_the_tuned_model_reach_the_comparison():
-    from vregion.compare import comparison_markdown
+    from vregion.sweep.compare import comparison_markdown
 
     tuned = {
         "visual": {"overall": {"accuracy": 0.6, "n": 600, "blind": 0.4}},

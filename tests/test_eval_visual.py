@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from vregion.data import synthetic
+from vregion.data.dataset import stratified
+from vregion.data.imageset import ImageSet, LazyImages
 from vregion.data.records import read_jsonl
 from vregion.eval.visual import (
     FirstTokens,
@@ -15,12 +17,10 @@ from vregion.eval.visual import (
     predict_choices,
     prompt_inputs,
     shuffled_images,
-    stratified,
     visual_accuracy,
     with_answer,
 )
 from vregion.models.loading import load_lvlm
-from vregion.train.loop import ImageSet, LazyImages
 
 SYSTEM = "Answer briefly."
 

@@ -15,16 +15,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_harness_that_cannot_run_is_reported_and_gives_no_figure(monkeypatch, tmp_path):
-    from stages.evaluate import harness_status, run_harnesses
-    from stages.report import harness_section
+    from stages.evaluate import run_harnesses
+    from vregion.report import harness_section
 
     monkeypatch.setitem(hx.NEEDS, "lmms_eval", ["lmms_eval", "no_such_module_here"])
     monkeypatch.chdir(tmp_path)
     p = load_params(ROOT / "params.yaml")  # both local tasks requested
-    status = harness_status(p)
+    status = hx.harness_status(p.evaluate)
     assert status["lmms_eval"]["status"] == "not installed (no_such_module_here missing)"
     monkeypatch.setitem(hx.NEEDS, "lm_eval", ["no_such_module_here"])
-    status = harness_status(p)
+    status = hx.harness_status(p.evaluate)
     ran = run_harnesses.fn(p, {"tuned": "tuned"}, {}, status, "data", "llm", "harness")
     assert ran == {"tuned": {}}
     assert json.loads(Path("llm/exports.json").read_text()) == {}

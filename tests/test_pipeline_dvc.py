@@ -351,7 +351,8 @@ def test_lm_eval_scores_each_reply_as_vregions_scorer_does(harness_run):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from vregion.data.text_skill import _reply_logprobs, read_text_set, tokenize_reply
+    from vregion.data.text_skill import read_text_set
+    from vregion.eval.text_skill import _reply_logprobs, tokenize_reply
 
     repo, _ = harness_run
     llm_dir = repo / "models" / "llm" / "tuned"
@@ -375,7 +376,7 @@ def test_lm_eval_scores_each_reply_as_vregions_scorer_does(harness_run):
 
 
 def test_report_shows_harness_figures_beside_vregions_own(harness_run):
-    from stages.report import harness_section
+    from vregion.report import harness_section
 
     repo, ev = harness_run
     section = harness_section(ev)

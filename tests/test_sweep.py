@@ -16,7 +16,7 @@ import pytest
 import yaml
 from pipeline_repo import DVC, ROOT, make_pipeline_repo, pipeline_env, run
 
-from vregion.sweep import plan_runs
+from vregion.sweep.plan import plan_runs
 
 
 def test_plan_shares_runs_between_sweeps_and_knows_every_strategy():

@@ -17,6 +17,7 @@ import yaml
 from pipeline_repo import DVC, init_git_dvc, pipeline_env, run
 
 from flows.sweep import drop_stale_shutdowns
+from vregion.sweep.experiments import committed_metrics, committed_params, experiments
 
 SQUARE = """import json, yaml
 x = yaml.safe_load(open("params.yaml"))["x"]
@@ -99,4 +100,11 @@ def test_a_stale_queue_stop_does_not_strand_the_next_sweep(tmp_path):
         if exp.get("name")
     }
     assert names == {"one": 1, "two": 4, "three": 9}
+    # what the sweep's report reads, through DVC's Python API: each experiment's own commit
+    found = experiments(repo)
+    assert set(found) == {"one", "two", "three"}
+    for name, x in (("one", 1), ("two", 2), ("three", 3)):
+        assert committed_params(repo, found[name]) == {"x": x}
+        assert committed_metrics(repo, found[name], "m.json") == {"y": x * x}
+    assert committed_metrics(repo, found["one"], "metrics/absent.json") is None
     assert drop_stale_shutdowns(repo) == 0  # nothing left to drop

@@ -19,10 +19,9 @@ from vregion.data.text_skill import (
     build_text_set,
     number_in_words,
     read_text_set,
-    score_text_skill,
-    tokenize_reply,
     write_text_set,
 )
+from vregion.eval.text_skill import score_text_skill, tokenize_reply
 
 SYSTEM = "Answer briefly."
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

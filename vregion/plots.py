@@ -41,7 +41,8 @@ def layer_scores_chart(
     return path
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out `fig`, write it to `path` (parents created) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -89,7 +90,7 @@ def accuracy_chart(
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, ncol=min(len(models) + 1, 4))
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def line_chart(
@@ -109,7 +110,7 @@ def line_chart(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def note_chart(path: str | Path, text: str) -> Path:
@@ -117,4 +118,4 @@ def note_chart(path: str | Path, text: str) -> Path:
     fig, ax = plt.subplots(figsize=(7, 1.2))
     ax.axis("off")
     ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import threading
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -365,11 +367,27 @@ def sample_parts(parts: Sequence[Part], n: int | None, seed: int) -> list[Part]:
     return out
 
 
+def stratified(samples: Sequence[Sample], n: int | None, seed: int) -> list[Sample]:
+    """Up to `n` questions with every kind equally represented (as far as each kind allows)."""
+    if n is None or n >= len(samples):
+        return list(samples)
+    by_kind: dict[str, list[Sample]] = defaultdict(list)
+    for s in samples:
+        by_kind[s.kind or ""].append(s)
+    rng = random.Random(seed)
+    for group in by_kind.values():
+        rng.shuffle(group)
+    picked: list[Sample] = []
+    while len(picked) < n:
+        for group in by_kind.values():
+            if group and len(picked) < n:
+                picked.append(group.pop())
+    return sorted(picked, key=lambda s: s.id)
+
+
 def balanced_parts(parts: Sequence[Part], n: int | None, seed: int) -> list[Part]:
     """At most `n` rows, every question kind equally represented when the records have kinds
     (the synthetic questions), else a seeded sample. Reads the records' text, never images."""
-    from vregion.eval.visual import stratified
-
     tagged = []  # (sample, part, row): rows are found again by identity after stratifying
     for k, part in enumerate(parts):
         records = RecordFile(part.records)
@@ -385,6 +403,14 @@ def balanced_parts(parts: Sequence[Part], n: int | None, seed: int) -> list[Part
         Part(p.source, p.records, p.image_root, np.asarray(sorted(r), dtype=np.int64))
         for p, r in zip(parts, rows, strict=True)
     ]
+
+
+def balanced_set(mix: Sequence, n: int | None, seed: int, data_dir: str | Path = "data"):
+    """A held-out `ImageSet`: at most `n` records of the data mix `mix`, balanced over question
+    kinds when the records have kinds (`balanced_parts`), images opened per batch."""
+    from vregion.data.imageset import ImageSet
+
+    return ImageSet.from_parts(balanced_parts(resolve_mix(mix, seed, data_dir), n, seed))
 
 
 def part_to_dict(part: Part) -> dict:

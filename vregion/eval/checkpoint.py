@@ -17,11 +17,12 @@ import torch
 
 from vregion.data.dataset import part_from_dict
 from vregion.data.encode import prompt_batch
-from vregion.data.text_skill import read_text_set, score_text_skill
+from vregion.data.imageset import ImageSet
+from vregion.data.text_skill import read_text_set
 from vregion.devices import peak_memory_mb, pick_device, resolve_precision
 from vregion.eval.speed import generation_speed, parameter_count, size_on_disk
+from vregion.eval.text_skill import score_text_skill
 from vregion.eval.visual import open_answer_accuracy, visual_accuracy
-from vregion.train.loop import ImageSet
 
 
 @dataclass
@@ -113,3 +114,21 @@ def evaluate_isolated(job: EvalJob) -> dict:
 
 def checkpoint_exists(path: str | Path) -> bool:
     return (Path(path) / "config.json").is_file()
+
+
+def add_comparisons(results: dict, base_text: dict | None, baseline: str | None) -> None:
+    """Text skill against the base LLM, and visual retention % against `baseline`."""
+    ref = results.get(baseline, {}).get("visual") if baseline else None
+    for r in results.values():
+        if base_text and "text" in r:
+            r["text"]["mc_accuracy_vs_base"] = round(
+                r["text"]["mc_accuracy"] - base_text["mc_accuracy"], 4
+            )
+            r["text"]["answer_nll_vs_base"] = round(
+                r["text"]["answer_nll"] - base_text["answer_nll"], 4
+            )
+        if ref and "visual" in r:
+            for kind, row in r["visual"].items():
+                row["retention_percent"] = round(
+                    100 * row["accuracy"] / max(ref[kind]["accuracy"], 1e-9), 2
+                )

@@ -103,7 +103,7 @@ def export_llm(lvlm_dir: str | Path, out_dir: str | Path) -> dict:
 def write_text_mc_data(items: list[dict], tokenizer, system_prompt: str, path: Path) -> int:
     """The multiple-choice text-skill items as `vregion_text_mc` rows: the chat context and each
     reply with its end-of-turn token, split where `score_text_skill` starts scoring."""
-    from vregion.data.text_skill import reply_split
+    from vregion.eval.text_skill import reply_split
 
     rows = []
     for item in items:
@@ -298,3 +298,26 @@ def _tail(path: Path, n: int = 25) -> str:
     text = path.read_text(errors="replace") if path.exists() else ""
     lines = re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines()  # loguru's colours
     return "\n".join(lines[-n:])
+
+
+def harness_status(evaluate) -> dict:
+    """What each harness will do for `evaluate` (the params' `evaluate` section): the tasks and
+    settings, or why it does not run."""
+    out = {}
+    for harness in ("lm_eval", "lmms_eval"):
+        cfg = getattr(evaluate, harness)
+        missing = harness_missing(harness)
+        status = (
+            "not requested"
+            if not cfg.tasks
+            else f"not installed ({', '.join(missing)} missing)"
+            if missing
+            else "ran"
+        )
+        out[harness] = {
+            "status": status,
+            "version": harness_version(harness),
+            "tasks": cfg.tasks,
+            "limit": cfg.limit,
+        }
+    return out

@@ -19,10 +19,10 @@ from collections.abc import Sequence
 import torch
 
 from vregion.data.encode import collate, encode_sample, render, to_messages
+from vregion.data.imageset import ImageSet, take
 from vregion.data.records import Sample
 from vregion.devices import autocast
 from vregion.progress import track
-from vregion.train.loop import ImageSet, take
 
 
 def with_answer(sample: Sample, answer: str) -> Sample:
@@ -223,24 +223,6 @@ def visual_accuracy(
     return table
 
 
-def stratified(samples: Sequence[Sample], n: int | None, seed: int) -> list[Sample]:
-    """Up to `n` questions with every kind equally represented (as far as each kind allows)."""
-    if n is None or n >= len(samples):
-        return list(samples)
-    by_kind: dict[str, list[Sample]] = defaultdict(list)
-    for s in samples:
-        by_kind[s.kind or ""].append(s)
-    rng = random.Random(seed)
-    for group in by_kind.values():
-        rng.shuffle(group)
-    picked: list[Sample] = []
-    while len(picked) < n:
-        for group in by_kind.values():
-            if group and len(picked) < n:
-                picked.append(group.pop())
-    return sorted(picked, key=lambda s: s.id)
-
-
 def normalize_answer(text: str) -> str:
     """Lower case, no surrounding punctuation or spaces: 'Two.' and 'two' are the same answer."""
     return text.strip().strip(".!,;:\"'").strip().lower()
@@ -313,3 +295,78 @@ def open_answer_accuracy(
         return round(sum(hits) / max(len(hits), 1), 4)
 
     return {"accuracy": score(seeing), "blind": score(blind), "n": len(gold)}
+
+
+def held_out_check(
+    model,
+    processor,
+    held_out: ImageSet,
+    system_prompt: str | None,
+    *,
+    batch_size: int,
+    precision: str,
+    device: torch.device,
+    seed: int = 0,
+) -> tuple[str, dict]:
+    """Does a tuned model see? On `held_out`, beside the blind control: ("visual", accuracy per
+    kind) when every record carries `choices`, else ("answer_loss", the answer loss with the
+    right images and with deranged ones; lower is better)."""
+    from vregion.train.loop import deranged, mean_answer_loss
+
+    kw = dict(precision=precision, device=device)
+    if all(s.choices for s in held_out.samples):
+        return "visual", visual_accuracy(
+            model, processor, held_out, system_prompt, batch_size=batch_size, seed=seed, **kw
+        )
+    data, n = held_out, len(held_out)
+    args = (model, processor, data, system_prompt)
+    loss = mean_answer_loss(*args, batch_size=batch_size, **kw)
+    blind = mean_answer_loss(
+        *args, batch_size=batch_size, images=deranged(data.images, seed), desc="blind", **kw
+    )
+    return "answer_loss", {"overall": {"loss": round(loss, 5), "blind": round(blind, 5), "n": n}}
+
+
+def pruning_curve(
+    model,
+    processor,
+    data: ImageSet,
+    ranking: Sequence[int],
+    ks: Sequence[int],
+    system_prompt: str | None,
+    *,
+    batch_size: int,
+    precision: str,
+    device: torch.device,
+) -> list[dict]:
+    """Visual accuracy (overall and per kind) of `model` with the first k layers of `ranking`
+    removed, for each k in `ks`; the model is restored after each."""
+    from vregion.prune import temporarily_pruned
+
+    rows = []
+    for k in ks:
+        with temporarily_pruned(model, sorted(ranking[:k])) as pruned:
+            preds = predict_choices(
+                pruned,
+                processor,
+                data,
+                system_prompt,
+                batch_size=batch_size,
+                precision=precision,
+                device=device,
+                desc=f"curve: {k} removed",
+            )
+        table = accuracy_table(data.samples, preds)
+        rows.append(
+            {
+                "layers_removed": k,
+                "removed": sorted(ranking[:k]),
+                "accuracy": table["overall"]["accuracy"],
+                **{
+                    f"accuracy_{kind}": v["accuracy"]
+                    for kind, v in table.items()
+                    if kind != "overall"
+                },
+            }
+        )
+    return rows

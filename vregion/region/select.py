@@ -15,6 +15,7 @@ import numbers
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 TOPK_PREFIX = "topk:"
 STRATEGIES = (
@@ -298,3 +299,16 @@ def choose_region(
         rule=_rule(strategy, chosen, num_layers, most_important, seed),
         scorer=strategy[len(TOPK_PREFIX) :] if strategy.startswith(TOPK_PREFIX) else None,
     )
+
+
+def region_layers(path: str | Path) -> list[int]:
+    """The region's layers from a `reports/region.json` the region stage wrote."""
+    # Here, not at the top: config's defaults are validated against this module's STRATEGIES.
+    from vregion.config import ConfigError
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no region yet; run `dvc repro region` first")
+    layers = json.loads(Path(path).read_text()).get("layers")
+    if not layers:
+        raise ConfigError(f"{path}: no `layers` list (re-run the region stage)")
+    return layers

@@ -15,8 +15,9 @@ import torch
 
 from vregion.config import AlignConfig
 from vregion.data.dataset import RecordDataset, total_steps, training_loader
+from vregion.data.imageset import ImageSet
 from vregion.models.layer_map import layer_map, vision_parameters
-from vregion.train.loop import ImageSet, deranged, mean_answer_loss, train_steps
+from vregion.train.loop import deranged, mean_answer_loss, train_steps
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,9 @@ final checkpoint into a PEFT adapter and a merged HF checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import statistics
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +21,7 @@ import torch
 
 from vregion.config import DataMix
 from vregion.data.dataset import RecordDataset, resolve_mix, training_loader
-from vregion.devices import peak_memory_mb, resolve_precision
+from vregion.devices import peak_memory_mb, pick_device, resolve_precision
 from vregion.progress import log_every
 from vregion.train.loop import train_steps
 from vregion.train.selective import (
@@ -65,6 +67,20 @@ class FinetuneJob:
     loader_workers: int | str = "auto"
     prefetch_factor: int = 2
     group_by_length: bool = False
+
+
+def run_name(job: FinetuneJob) -> str:
+    """Same job, same name: a rerun after an interruption finds and resumes its checkpoints."""
+    settings = {k: v for k, v in asdict(job).items() if k not in ("aligned", "data_dir")}
+    # A new aligned model or new records (a rerun of prepare/ingest): a new run.
+    files = [Path(job.aligned, "model.safetensors")]
+    files += [
+        Path(part.records)
+        for part in resolve_mix([DataMix(**d) for d in job.data], job.seed, job.data_dir)
+    ]
+    stamps = [f.stat().st_mtime_ns if f.is_file() else 0 for f in files]
+    digest = hashlib.sha1(json.dumps([settings, stamps], sort_keys=True).encode()).hexdigest()
+    return f"finetune-{digest[:12]}"
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -284,3 +300,39 @@ def export_tuned(job: FinetuneJob, checkpoint_dir: str | Path, out_dir: str | Pa
     model.requires_grad_(False)
     save_checkpoint(model, processor, out_dir / "merged")
     return {"step": saved["step"], "adapter": job.mode == "lora", "curve": saved["curve"]}
+
+
+def train_metrics(
+    result_metrics: dict, curve: list[dict], job: FinetuneJob, use_gpu: bool, records: int
+) -> dict:
+    """metrics/train.json: the run's speed, memory, parameter counts and loss, from the final
+    Ray result's metrics and the whole loss curve."""
+    steps = [row["seconds"] for row in curve[1:]] or [row["seconds"] for row in curve]
+    per_step = statistics.median(steps)  # the first step pays for warm-up
+    world = result_metrics["world_size"]
+    tail = [row["loss"] for row in curve[-10:]]
+    return {
+        "region": job.layers,
+        "region_size": len(job.layers),
+        "data": [d["source"] for d in job.data],
+        "train_records": records,
+        "epochs": round(len(curve) * job.batch_size * job.grad_accum * world / records, 3),
+        "mode": job.mode,
+        "parallel": job.parallel if world > 1 else "none",
+        "steps": len(curve),
+        "world_size": world,
+        "use_gpu": use_gpu,
+        "precision": resolve_precision(
+            job.precision, pick_device() if use_gpu else torch.device("cpu")
+        ),
+        "seconds_per_step": round(per_step, 4),
+        "samples_per_second": round(job.batch_size * job.grad_accum * world / per_step, 3),
+        "train_seconds": round(sum(row["seconds"] for row in curve), 1),
+        "peak_memory_mb": result_metrics["peak_memory_mb"],
+        "trainable_params": result_metrics["trainable_params"],
+        "total_params": result_metrics["total_params"],
+        "trainable_percent": result_metrics["trainable_percent"],
+        "first_loss": curve[0]["loss"],
+        "final_loss": round(sum(tail) / len(tail), 5),
+        "resumed_from": result_metrics["resumed_from"],
+    }

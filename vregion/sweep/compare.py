@@ -1,6 +1,6 @@
 """The comparison report of a sweep: tables, charts and the paper's figures beside ours.
 
-Input: for each finished run (`vregion.sweep.Run`), the metrics files its experiment
+Input: for each finished run (`vregion.sweep.plan.Run`), the metrics files its experiment
 committed (metrics/eval.json, train.json, region.json). Every number in the report is copied
 from those files or is a ratio of two of them; `comparison.json` keeps the copied values with
 the experiment revision they came from, so they can be checked against the files.
@@ -8,11 +8,14 @@ the experiment revision they came from, so they can be checked against the files
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from vregion.plots import _save, line_chart
+from vregion.plots import line_chart, save_figure
+from vregion.sweep.experiments import committed_metrics, committed_params
+from vregion.sweep.plan import SWEEPS, Run
 
 PAPER_SOURCE = (
     "Wang et al., arXiv 2412.12785 (ACL 2025), as summarised in DESIGN.md §2 "
@@ -345,7 +348,7 @@ def charts(by_label: Mapping[str, Mapping[str, dict]], out_dir: Path) -> dict[st
         ax.set_title("Retention vs layers tuned")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-        made["retention"] = _save(fig, out_dir / "retention_vs_layers.png").name
+        made["retention"] = save_figure(fig, out_dir / "retention_vs_layers.png").name
     strategies = by_label.get("strategies", {})
     if len(strategies) >= 2:
         rows = sorted(strategies.items(), key=lambda kv: kv[1]["accuracy"])
@@ -364,7 +367,7 @@ def charts(by_label: Mapping[str, Mapping[str, dict]], out_dir: Path) -> dict[st
         ax.set_xlim(0.3, min(1.0, max(r["accuracy"] for _, r in rows) + 0.1))
         ax.set_title("Layer selection: 25% of the layers by each rule, and all layers")
         ax.grid(axis="x", alpha=0.3)
-        made["strategies"] = _save(fig, out_dir / "strategies.png").name
+        made["strategies"] = save_figure(fig, out_dir / "strategies.png").name
     pruning = by_label.get("pruning", {})
     curves = {
         label: (
@@ -383,6 +386,69 @@ def charts(by_label: Mapping[str, Mapping[str, dict]], out_dir: Path) -> dict[st
             title="Pruning the region-tuned and the all-layer-tuned model",
         ).name
     return made
+
+
+def write_report(
+    repo: Path,
+    runs: Sequence[Run],
+    done: Mapping[str, str],
+    reference: Mapping[str, str],
+    command: str,
+    metric_files: Mapping[str, str],
+    results: str = "results",
+) -> Path:
+    """`results`/comparison.{md,json} and `results`/plots/ in `repo` from the finished runs
+    (`done`: run name -> experiment commit; `metric_files`: name -> path of the metrics files
+    it reads); `command` is how the report says to rerun."""
+    rows = {}
+    for run in runs:
+        if run.name in done:
+            rev = done[run.name]
+            metrics = {k: committed_metrics(repo, rev, f) for k, f in metric_files.items()}
+            params = committed_params(repo, rev) or {}
+            curve_n = params.get("evaluate", {}).get("curve_samples")
+            rows[run.name] = run_row(run.name, run.name, metrics, rev, curve_n)
+    baseline = rows.get("all-layers")
+    add_ratios(list(rows.values()), baseline)
+    by_label: dict[str, dict[str, dict]] = {s: {} for s in SWEEPS}
+    for run in runs:
+        for sweep, label in run.labels:
+            if run.name in rows:
+                by_label[sweep][label] = {**rows[run.name], "label": label}
+    by_label["sizes"] = dict(sorted(by_label["sizes"].items(), key=lambda kv: kv[1]["region_size"]))
+    out = Path(repo) / results
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    pictures = charts(by_label, out / "plots")
+    claim_rows = claims(by_label)
+    missing = [r.name for r in runs if r.name not in done]
+    markdown = comparison_markdown(by_label, claim_rows, pictures, reference, command, missing)
+    (out / "comparison.md").write_text(markdown)
+    (out / "comparison.json").write_text(
+        json.dumps(
+            {"runs": rows, "sweeps": by_label, "claims": claim_rows, "missing": missing},
+            indent=2,
+        )
+        + "\n"
+    )
+    return out / "comparison.md"
+
+
+def reference_figures(repo: Path) -> dict:
+    """The aligned model's accuracy and the base LLM's text skill from the main pipeline."""
+    path = repo / "metrics" / "eval.json"
+    if not path.is_file():
+        return {}
+    ev = json.loads(path.read_text())
+    ref = {}
+    aligned = ev.get("models", {}).get("aligned")
+    if aligned:
+        v = aligned["visual"]["overall"]
+        ref["aligned model (before tuning): visual accuracy"] = (
+            f"{v['accuracy']:.3f} (blind {v['blind']:.3f})"
+        )
+    if ev.get("base_text"):
+        ref["base LLM text MC accuracy"] = f"{ev['base_text']['mc_accuracy']:.3f}"
+    return ref
 
 
 def comparison_markdown(
