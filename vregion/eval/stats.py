@@ -53,8 +53,7 @@ class Interval:
         pct = f"{100 * self.level:g}% CI"
         if self.stat == "ratio":
             return (
-                f"{100 * self.estimate:.1f}% ({pct} {100 * self.low:.1f}"
-                f" to {100 * self.high:.1f}%)"
+                f"{100 * self.estimate:.1f}% ({pct} {100 * self.low:.1f} to {100 * self.high:.1f}%)"
             )
         return f"{self.estimate:+.3f} ({pct} {self.low:+.3f} to {self.high:+.3f})"
 
