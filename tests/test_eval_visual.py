@@ -163,6 +163,7 @@ def test_question_rows_match_the_table_and_line_up_by_id(tiny, eval_set, tmp_pat
     from vregion.eval.questions import (
         correctness,
         paired_scores,
+        parse_question_results,
         read_question_results,
         write_question_results,
     )
@@ -193,6 +194,11 @@ def test_question_rows_match_the_table_and_line_up_by_id(tiny, eval_set, tmp_pat
     )
     np.testing.assert_array_equal(b[0], 1 - a[0])  # aligned by id, not by line
     np.testing.assert_array_equal(b[1], a[0])
+    # rows already read, e.g. a file's text from `git show REV:PATH`, line up the same way
+    committed = parse_question_results(second.read_text(), "rev:b.jsonl")
+    np.testing.assert_array_equal(paired_scores([rows], [committed])[2], b[:1])
+    with pytest.raises(ValueError, match="rev:b.jsonl, line 2: a row needs `id`"):
+        parse_question_results('{"id": "q", "correct": 1}\n{"correct": 0}\n', "rev:b.jsonl")
     write_question_results(tmp_path / "fewer.jsonl", rows[1:])
     with pytest.raises(ValueError, match="not the same questions"):
         correctness(tmp_path / "fewer.jsonl", ids)

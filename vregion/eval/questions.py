@@ -63,57 +63,85 @@ def write_question_results(path: str | Path, rows: Sequence[dict]) -> Path:
     return path
 
 
+def parse_question_results(text: str, where: str) -> list[dict]:
+    """The rows of a per-question results file's text (e.g. from `git show REV:PATH`);
+    `where` names the file in errors."""
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}, line {n}: not a JSON row ({e.msg})") from None
+        if not isinstance(row, dict) or "id" not in row or "correct" not in row:
+            raise ValueError(f"{where}, line {n}: a row needs `id` and `correct`")
+        rows.append(row)
+    _check_unique([r["id"] for r in rows], where)
+    return rows
+
+
 def read_question_results(path: str | Path) -> list[dict]:
     """The rows of a per-question results file, in file order."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no per-question results (the evaluate stage writes them)")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    for n, r in enumerate(rows, 1):
-        if "id" not in r or "correct" not in r:
-            raise ValueError(f"{path}, line {n}: a row needs `id` and `correct`")
-    _check_unique([r["id"] for r in rows], str(path))
-    return rows
+    return parse_question_results(path.read_text(), str(path))
+
+
+Source = str | Path | Sequence[dict]
+"""A per-question results file, or its rows already read (`parse_question_results`)."""
+
+
+def _load(source: Source) -> tuple[list[dict], str]:
+    if isinstance(source, str | Path):
+        return read_question_results(source), str(source)
+    where = "per-question rows"
+    rows = list(source)
+    _check_unique([r["id"] for r in rows], where)
+    return rows, where
 
 
 def correctness(
-    path: str | Path, ids: Sequence[str] | None = None, field: str = "correct"
+    source: Source, ids: Sequence[str] | None = None, field: str = "correct"
 ) -> tuple[list[str], np.ndarray]:
     """`(ids, scores)`: `field` (0/1) of each question, in the order of `ids` (default: the
-    file's order). Raises when the file lacks one of `ids` or holds questions beyond them, so
-    two runs are only ever compared on the same questions."""
-    rows = {r["id"]: r for r in read_question_results(path)}
+    file's order). Raises when the results lack one of `ids` or hold questions beyond them,
+    so two runs are only ever compared on the same questions."""
+    loaded, where = _load(source)
+    rows = {r["id"]: r for r in loaded}
     order = list(rows) if ids is None else list(ids)
     missing = [i for i in order if i not in rows]
     extra = set(rows) - set(order)
     if missing or extra:
         raise ValueError(
-            f"{path}: not the same questions ({len(missing)} missing, e.g. {missing[:3]}; "
+            f"{where}: not the same questions ({len(missing)} missing, e.g. {missing[:3]}; "
             f"{len(extra)} extra, e.g. {sorted(extra)[:3]}): both runs must be evaluated on "
             "the same held-out set (evaluate.data, evaluate.samples, model.seed)"
         )
     if any(field not in rows[i] for i in order):
-        raise ValueError(f"{path}: some rows have no `{field}`")
+        raise ValueError(f"{where}: some rows have no `{field}`")
     return order, np.array([rows[i][field] for i in order], dtype=float)
 
 
 def correctness_matrix(
-    paths: Sequence[str | Path], ids: Sequence[str] | None = None, field: str = "correct"
+    sources: Sequence[Source], ids: Sequence[str] | None = None, field: str = "correct"
 ) -> tuple[list[str], np.ndarray]:
-    """`(ids, scores)` shaped (len(paths), questions): one row per file (e.g. per training
-    seed of one model), every row aligned to `ids` (default: the first file's order)."""
-    if not paths:
-        raise ValueError("correctness_matrix: no files given")
-    ids, first = correctness(paths[0], ids, field)
-    rows = [first] + [correctness(p, ids, field)[1] for p in paths[1:]]
+    """`(ids, scores)` shaped (len(sources), questions): one row per results file (e.g. per
+    training seed of one model), every row aligned to `ids` (default: the first's order)."""
+    if not sources:
+        raise ValueError("correctness_matrix: no results given")
+    ids, first = correctness(sources[0], ids, field)
+    rows = [first] + [correctness(s, ids, field)[1] for s in sources[1:]]
     return ids, np.stack(rows)
 
 
 def paired_scores(
-    paths_a: Sequence[str | Path], paths_b: Sequence[str | Path], field: str = "correct"
+    a: Sequence[Source], b: Sequence[Source], field: str = "correct"
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """`(ids, a, b)`: two models' per-question scores (each seeds x questions) on the same
-    question columns, ready for `vregion.eval.stats.paired_bootstrap`."""
-    ids, a = correctness_matrix(paths_a, field=field)
-    _, b = correctness_matrix(paths_b, ids, field)
+    """`(ids, a, b)`: two models' per-question scores (each seeds x questions, one results
+    file or row list per seed) on the same question columns, in the first file's question
+    order: ready for `vregion.eval.stats.paired_bootstrap`."""
+    ids, a = correctness_matrix(a, field=field)
+    _, b = correctness_matrix(b, ids, field)
     return ids, a, b
