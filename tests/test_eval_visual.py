@@ -3,6 +3,7 @@ control never shows a question its own picture."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -154,3 +155,52 @@ def test_open_answers_score_by_normalized_exact_match(tiny, eval_set):
     assert result["n"] == len(samples)
     assert result["accuracy"] == round(planted / len(samples), 4)
     assert 0 <= result["blind"] <= 1
+
+
+def test_question_rows_match_the_table_and_line_up_by_id(tiny, eval_set, tmp_path):
+    """Per-question rows add up to the returned accuracies, and two runs' files written in
+    different orders line up question by question when read back."""
+    from vregion.eval.questions import (
+        correctness,
+        paired_scores,
+        parse_question_results,
+        read_question_results,
+        write_question_results,
+    )
+
+    model, processor = tiny
+    kw = dict(batch_size=4, precision="fp32", device=torch.device("cpu"))
+    table, rows = visual_accuracy(model, processor, eval_set, SYSTEM, questions=True, **kw)
+    assert table == visual_accuracy(model, processor, eval_set, SYSTEM, **kw)  # unchanged
+    assert [r["id"] for r in rows] == [s.id for s in eval_set.samples]
+    for kind, row in table.items():
+        mine = [r for r in rows if kind in ("overall", r["kind"])]
+        assert len(mine) == row["n"]
+        assert sum(r["correct"] for r in mine) / len(mine) == pytest.approx(
+            row["accuracy"], abs=1e-4
+        )
+        assert sum(r["blind_correct"] for r in mine) / len(mine) == pytest.approx(
+            row["blind"], abs=1e-4
+        )
+    assert all(r["choice"] in s.choices for r, s in zip(rows, eval_set.samples, strict=True))
+
+    first = write_question_results(tmp_path / "a.jsonl", rows)
+    flipped = [{**r, "correct": 1 - r["correct"]} for r in reversed(rows)]  # another "run"
+    second = write_question_results(tmp_path / "q" / "b.jsonl", flipped)
+    assert read_question_results(second)[0]["id"] == rows[-1]["id"]  # stored in its own order
+    ids, a, b = paired_scores([first], [second, first])
+    assert (
+        ids == [r["id"] for r in rows] and a.shape == (1, len(rows)) and b.shape == (2, len(rows))
+    )
+    np.testing.assert_array_equal(b[0], 1 - a[0])  # aligned by id, not by line
+    np.testing.assert_array_equal(b[1], a[0])
+    # rows already read, e.g. a file's text from `git show REV:PATH`, line up the same way
+    committed = parse_question_results(second.read_text(), "rev:b.jsonl")
+    np.testing.assert_array_equal(paired_scores([rows], [committed])[2], b[:1])
+    with pytest.raises(ValueError, match="rev:b.jsonl, line 2: a row needs `id`"):
+        parse_question_results('{"id": "q", "correct": 1}\n{"correct": 0}\n', "rev:b.jsonl")
+    write_question_results(tmp_path / "fewer.jsonl", rows[1:])
+    with pytest.raises(ValueError, match="not the same questions"):
+        correctness(tmp_path / "fewer.jsonl", ids)
+    with pytest.raises(ValueError, match="unique"):
+        write_question_results(tmp_path / "dup.jsonl", [rows[0], rows[0]])

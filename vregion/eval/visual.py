@@ -22,6 +22,7 @@ from vregion.data.encode import collate, encode_sample, render, to_messages
 from vregion.data.imageset import ImageSet, take
 from vregion.data.records import Sample
 from vregion.devices import autocast
+from vregion.eval.questions import question_rows
 from vregion.progress import track
 
 
@@ -203,8 +204,13 @@ def visual_accuracy(
     precision: str,
     device: torch.device,
     seed: int = 0,
-) -> dict:
-    """Per kind and overall: accuracy with the right images, blind accuracy, chance, n."""
+    questions: bool = False,
+) -> dict | tuple[dict, list[dict]]:
+    """Per kind and overall: accuracy with the right images, blind accuracy, chance, n.
+
+    `questions=True`: `(table, rows)`, the same table and one row per question
+    (`vregion.eval.questions.question_rows`), to compare runs question by question.
+    """
     ask = dict(batch_size=batch_size, precision=precision, device=device)
     seeing = predict_choices(model, processor, data, system_prompt, desc="visual eval", **ask)
     blind = predict_choices(
@@ -220,6 +226,8 @@ def visual_accuracy(
     blind_table = accuracy_table(data.samples, blind)
     for kind, row in table.items():
         row["blind"] = blind_table[kind]["accuracy"]
+    if questions:
+        return table, question_rows(data.samples, seeing, blind)
     return table
 
 
