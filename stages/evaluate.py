@@ -36,6 +36,7 @@ from vregion.eval.checkpoint import (
     checkpoint_exists,
     evaluate_isolated,
 )
+from vregion.eval.questions import write_question_results
 from vregion.eval.visual import pruning_curve
 from vregion.models.loading import load_lvlm
 from vregion.plots import accuracy_chart, line_chart, note_chart
@@ -203,6 +204,7 @@ def evaluate(
     curve_png: str,
     llm_exports: str,
     harness_dir: str,
+    questions: str,
     params: str = "params.yaml",
 ) -> dict:
     """Measure every model the pipeline produced.
@@ -221,6 +223,8 @@ def evaluate(
         curve_png: layers-removed chart to write
         llm_exports: directory for each model's LLM as a plain causal LM (lm-eval reads them)
         harness_dir: directory for the harnesses' logs and results files
+        questions: directory for each model's answer to each question (JSONL per model and set,
+            and per point of the layers-removed curve)
         params: params file
     """
     p = load_params(params)
@@ -237,11 +241,15 @@ def evaluate(
             f"evaluate.baseline: {p.evaluate.baseline!r} is not one of {sorted(models)}"
         )
     Path(metrics).unlink(missing_ok=True)  # a failing run leaves no metrics, not stale ones
+    shutil.rmtree(questions, ignore_errors=True)
     sets = eval_sets(p, data)
     status = hx.harness_status(p.evaluate)
     harness_results = run_harnesses(p, models, sets, status, data, llm_exports, harness_dir)
     write_json(Path(harness_dir) / "harness.json", status)
     results = {name: measure(name, eval_job(p, path, sets, data)) for name, path in models.items()}
+    for name, r in results.items():
+        for set_name, rows in r.pop("questions", {}).items():
+            write_question_results(Path(questions, "models", name, f"{set_name}.jsonl"), rows)
     for name, r in results.items():
         r.update(harness_results[name])
     base_text = None
@@ -254,6 +262,11 @@ def evaluate(
     curve = []
     if p.evaluate.prune_curve and with_choices:
         curve = prune_curve(p, tuned, prune_metrics, data)
+        for row in curve:
+            k = row["layers_removed"]
+            write_question_results(
+                Path(questions, "prune_curve", f"{k}.jsonl"), row.pop("questions")
+            )
     write_json(
         metrics,
         {

@@ -28,6 +28,8 @@ from pipeline_repo import (
     stop_prefect,
 )
 
+from vregion.eval.questions import correctness
+
 STAGES = (
     "base",
     "prepare",
@@ -281,6 +283,18 @@ def test_evaluate_measures_every_model_consistently(pipeline_repo):
     prune = json.loads((repo / "metrics" / "prune.json").read_text())
     assert curve[1]["removed"] == prune["removed"]
     assert (repo / "reports" / "plots" / "eval_accuracy.png").stat().st_size > 10_000
+    # each model's answer to each question, in files that agree with its figures
+    questions = repo / "metrics" / "questions"
+    for name, r in models.items():
+        (path,) = (questions / "models" / name).rglob("*.jsonl")
+        _, correct = correctness(path)
+        assert len(correct) == 12 and correct.mean() == pytest.approx(
+            r["visual"]["overall"]["accuracy"], abs=1e-3
+        )
+    assert correctness(questions / "prune_curve" / "1.jsonl")[1].mean() == pytest.approx(
+        curve[1]["accuracy"], abs=1e-3
+    )
+    assert "questions" not in models["tuned"] and "questions" not in curve[0]
 
 
 def test_report_shows_the_measured_figures(pipeline_repo):

@@ -68,9 +68,12 @@ def evaluate_checkpoint(job: EvalJob) -> dict:
         data = ImageSet.from_parts([part_from_dict(d) for d in parts])
         first = first or data
         if all(s.choices for s in data.samples):
-            table = visual_accuracy(model, processor, data, job.system_prompt, **kw)
+            table, rows = visual_accuracy(
+                model, processor, data, job.system_prompt, questions=True, **kw
+            )
             out.setdefault("visual", table)
             out.setdefault("visual_sets", {})[name] = table
+            out.setdefault("questions", {})[name] = rows  # the stage writes them, per question
         else:
             out.setdefault("open_answer", {})[name] = open_answer_accuracy(
                 model, processor, data, job.system_prompt, **kw

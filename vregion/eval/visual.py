@@ -348,7 +348,8 @@ def pruning_curve(
     device: torch.device,
 ) -> list[dict]:
     """Visual accuracy (overall and per kind) of `model` with the first k layers of `ranking`
-    removed, for each k in `ks`; the model is restored after each."""
+    removed, for each k in `ks`; the model is restored after each. Each row's `questions`
+    holds its per-question rows (`vregion.eval.questions`)."""
     from vregion.prune import temporarily_pruned
 
     rows = []
@@ -375,6 +376,7 @@ def pruning_curve(
                     for kind, v in table.items()
                     if kind != "overall"
                 },
+                "questions": question_rows(data.samples, preds),
             }
         )
     return rows
