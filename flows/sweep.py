@@ -144,7 +144,14 @@ def sweep(
         queue_and_run(str(path), todo, jobs)
         done = finished(path, runs, base_params, metric_files(path), baseline=head)
     report = write_report(
-        path, runs, done, reference_figures(path), COMMAND, metric_files(path), RESULTS
+        path,
+        runs,
+        done,
+        reference_figures(path),
+        COMMAND,
+        metric_files(path),
+        RESULTS,
+        questions=paths(path)["questions"],
     )
     create_markdown_artifact(
         markdown=report.read_text(), key="vregion-comparison", description="the sweep's report"

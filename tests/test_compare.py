@@ -161,3 +161,81 @@ def test_harness_figures_of_the_tuned_model_reach_the_comparison():
     page = comparison_markdown({"strategies": {"uniform": r}}, [], {}, {}, "make sweep")
     assert "| lm_eval vregion_text_mc acc | lmms_eval vregion_vqa exact_match |" in page
     assert "| uniform | 0.750 | 0.500 |" in page
+
+
+def answers(correct: list[int], prefix: str = "q") -> list[list[dict]]:
+    """Per-question results of one seed: question i right when correct[i]."""
+    return [[{"id": f"{prefix}{i}", "kind": "k", "correct": c} for i, c in enumerate(correct)]]
+
+
+def test_paired_questions_resolve_what_independent_errors_cannot():
+    """Two runs 0.04 apart on 300 questions: within 2 independent s.e. (not resolved), but the
+    pairing shows one run right on every question the other gets right, plus 12 more."""
+    n = 300
+    a = [1] * 120 + [0] * 180
+    b = [1] * 132 + [0] * 168
+    top = row("top", sum(a) / n, n, 8, questions=answers(a))
+    bottom = row("bottom", sum(b) / n, n, 8, questions=answers(b))
+    rows = {
+        "strategies": {"all layers": row("all layers", 0.5, n, 30), "top": top, "bottom": bottom}
+    }
+    unpaired = {
+        "strategies": {
+            k: {kk: vv for kk, vv in r.items() if kk != "questions"}
+            for k, r in rows["strategies"].items()
+        }
+    }
+    assert _verdict(unpaired, "Tuning the bottom").startswith("not resolved")
+    claim = next(c for c in claims(rows) if c["claim"].startswith("Tuning the bottom"))
+    assert claim["verdict"] == "holds"
+    assert "95% CI" in claim["ours"] and "McNemar: 0 vs 12 discordant" in claim["ours"]
+    # the same accuracies, but 30 questions lost and 42 gained: within the pairs' noise
+    mixed = [1] * 90 + [0] * 30 + [1] * 42 + [0] * 138
+    rows["strategies"]["bottom"] = row("bottom", sum(mixed) / n, n, 8, questions=answers(mixed))
+    assert (
+        next(c for c in claims(rows) if c["claim"].startswith("Tuning the bottom"))["verdict"]
+        == "not resolved"
+    )
+
+
+def test_paired_retention_and_pruning_claims():
+    n = 400
+    base = [1] * 280 + [0] * 120
+    same = list(base)
+    rows = {
+        "strategies": {
+            "all layers": row("all layers", 0.7, n, 30, questions=answers(base)),
+            "uniform": row("uniform", 0.7, n, 8, questions=answers(same)),
+        }
+    }
+    claim = next(c for c in claims_with_ratios(rows) if c["claim"].startswith("A sparse"))
+    # identical answers: retention exactly 100% (CI 100 to 100), above 99.4% - 2 points
+    assert claim["verdict"] == "holds" and "retention 100.0%" in claim["ours"]
+    worse = [1] * 240 + [0] * 160  # 40 fewer right: retention 85.7%, far below
+    rows["strategies"]["uniform"] = row("uniform", 0.6, n, 8, questions=answers(worse))
+    assert (
+        next(c for c in claims_with_ratios(rows) if c["claim"].startswith("A sparse"))["verdict"]
+        == "fails"
+    )
+
+    def tuned(first: list[int], last: list[int], label: str) -> dict:
+        curve = [
+            {"layers_removed": k, "accuracy": sum(c) / n, "accuracy_se": 0.05}
+            for k, c in ((0, first), (4, last))
+        ]
+        return row(
+            label, 0.7, n, 8, prune_curve=curve, curve_questions=[answers(first), answers(last)]
+        )
+
+    region = tuned(base, [1] * 270 + [0] * 130, "region-tuned (uniform)")  # loses 10
+    all_layers = tuned(base, [1] * 200 + [0] * 200, "all-layer-tuned")  # loses 80
+    pruning = {"pruning": {"all-layer-tuned": all_layers, "region-tuned (uniform)": region}}
+    claim = claims(pruning)[-1]
+    assert claim["verdict"] == "holds" and "all-layer minus region-tuned drop" in claim["ours"]
+    reversed_ = {"pruning": {"all-layer-tuned": region, "region-tuned (uniform)": all_layers}}
+    assert claims(reversed_)[-1]["verdict"] == "fails"
+
+
+def claims_with_ratios(rows: dict) -> list[dict]:
+    add_ratios([r for s in rows.values() for r in s.values()], rows["strategies"]["all layers"])
+    return claims(rows)

@@ -13,8 +13,10 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from vregion.eval.questions import correctness_matrix, paired_scores
+from vregion.eval.stats import Interval, all_hold, mcnemar, paired_bootstrap, verdict
 from vregion.plots import line_chart, save_figure
-from vregion.sweep.experiments import committed_metrics, committed_params
+from vregion.sweep.experiments import committed_metrics, committed_params, committed_questions
 from vregion.sweep.plan import SWEEPS, Run
 
 PAPER_SOURCE = (
@@ -27,8 +29,11 @@ PAPER_TIME_RATIO = {"LLaVA-1.5-7B/13B": 0.77, "Bunny-Llama-3-8B-V": 0.87}
 """Region (25%) training time / all-layer training time."""
 SIGNIFICANT = 2.0
 """A gap counts only beyond this many (combined) standard errors; below it a claim is
-"not resolved" at this sample size. The runs answer the same questions, so treating their
-errors as independent overstates the noise: a conservative test."""
+"not resolved" at this sample size. Used only for runs without per-question results: treating
+errors as independent when the runs answer the same questions overstates the noise."""
+RETENTION_TOLERANCE = 0.02
+"""The retention claim ("~99%") holds when the whole interval lies above the paper's figure
+minus this (2 points), fails when it lies below."""
 
 
 def standard_error(accuracy: float, n: int) -> float:
@@ -134,6 +139,22 @@ def gap_verdict(gap: float, noise: float) -> str:
     return "holds" if gap > 0 else "does not hold"
 
 
+def paired(a: dict, b: dict, stat: str = "difference", key: str = "questions") -> Interval | None:
+    """b against a on the same questions (mean(b) - mean(a), or mean(b)/mean(a) for "ratio"):
+    a paired bootstrap over questions and seeds, or None when a run has no per-question file."""
+    if not (a.get(key) and b.get(key)):
+        return None
+    _, x, y = paired_scores(a[key], b[key])
+    return paired_bootstrap(x, y, stat=stat, seed=0)
+
+
+def _mcnemar(a: dict, b: dict) -> str:
+    """Exact McNemar test on the first seed of each run (the questions only one got right)."""
+    _, x, y = paired_scores(a["questions"][:1], b["questions"][:1])
+    m = mcnemar(x[0] > 0, y[0] > 0)
+    return f"McNemar: {m.only_a} vs {m.only_b} discordant, p = {m.p_value:.3g}"
+
+
 def _fmt(x, spec: str, empty: str = "–") -> str:
     return empty if x is None else format(x, spec)
 
@@ -180,8 +201,11 @@ def sweep_table(rows: Sequence[dict]) -> str:
 def claims(by_label: Mapping[str, Mapping[str, dict]]) -> list[dict]:
     """The paper's claims that this sweep can check, each with our figure and a verdict.
 
-    A gap decides a claim only beyond SIGNIFICANT combined standard errors; otherwise the
-    verdict is "not resolved" with the gap in standard errors, whatever the point estimates say.
+    Where the runs carry per-question results (`questions`: one list of rows per seed), each
+    claim is decided on the paired difference (or retention ratio) with a 95% paired bootstrap
+    interval over questions and seeds (`vregion.eval.stats`): "holds" when the interval lies
+    on the claimed side, "fails" when it lies on the other, else "not resolved". Runs without
+    them (older experiments) fall back to SIGNIFICANT combined standard errors.
     """
     out = []
     strategies = by_label.get("strategies", {})
@@ -197,15 +221,20 @@ def claims(by_label: Mapping[str, Mapping[str, dict]]) -> list[dict]:
     if base and uniform:
         ret, se = uniform["retention_percent"], uniform["retention_se"]
         paper = PAPER_RETENTION_BY_LAYERS[8]
+        size = f"{uniform['region_size']} of {uniform['num_layers']} layers"
+        iv = paired(base, uniform, "ratio")
         out.append(
             {
                 "claim": "A sparse uniform 25% region keeps ~99% of all-layer visual accuracy",
                 "paper": f"{paper}% (8 of 32 layers)",
-                "ours": f"{ret:.1f} ± {se:.1f}% ({uniform['region_size']} of "
-                f"{uniform['num_layers']} layers)",
+                "ours": f"{ret:.1f} ± {se:.1f}% ({size})"
+                if iv is None
+                else f"retention {iv} ({size})",
                 # the claim is "about as good as all layers": it fails only if ours is
                 # clearly below the paper's figure
-                "verdict": "holds" if ret >= paper else gap_verdict(ret - paper, se),
+                "verdict": ("holds" if ret >= paper else gap_verdict(ret - paper, se))
+                if iv is None
+                else verdict(iv, threshold=paper / 100 - RETENTION_TOLERANCE).outcome,
             }
         )
         ratio = uniform["time_ratio"]
@@ -239,27 +268,36 @@ def claims(by_label: Mapping[str, Mapping[str, dict]]) -> list[dict]:
             )
     top, bottom = strategies.get("top"), strategies.get("bottom")
     if top and bottom:
+        ours = f"bottom {bottom['accuracy']:.3f} vs top {top['accuracy']:.3f}"
+        iv = paired(top, bottom)
         out.append(
             {
                 "claim": "Tuning the bottom block beats tuning the top block",
                 "paper": "top block worst, bottom block better",
-                "ours": f"bottom {bottom['accuracy']:.3f} vs top {top['accuracy']:.3f}",
-                "verdict": gap_verdict(bottom["accuracy"] - top["accuracy"], noise(bottom, top)),
+                "ours": ours if iv is None else f"{ours}; difference {iv}; {_mcnemar(top, bottom)}",
+                "verdict": gap_verdict(bottom["accuracy"] - top["accuracy"], noise(bottom, top))
+                if iv is None
+                else verdict(iv).outcome,
             }
         )
     if uniform:
         others = {k: r for k, r in strategies.items() if k not in ("all layers", "uniform")}
         if others:
             best_label, best = max(others.items(), key=lambda kv: kv[1]["accuracy"])
+            ours = f"uniform {uniform['accuracy']:.3f}; best other: {best_label} {best['accuracy']:.3f}"
+            parts = {k: paired(r, uniform) for k, r in others.items()}
+            if all(iv is not None for iv in parts.values()):
+                # uniform must beat every other rule: the closest one decides "holds"
+                outcome = all_hold(verdict(iv) for iv in parts.values())
+                ours += f"; uniform minus {best_label}: {parts[best_label]}"
+            else:
+                outcome = gap_verdict(uniform["accuracy"] - best["accuracy"], noise(uniform, best))
             out.append(
                 {
                     "claim": "Sparse uniform is the best 25% selection",
                     "paper": "uniform best among the 25% strategies",
-                    "ours": f"uniform {uniform['accuracy']:.3f}; best other: {best_label} "
-                    f"{best['accuracy']:.3f}",
-                    "verdict": gap_verdict(
-                        uniform["accuracy"] - best["accuracy"], noise(uniform, best)
-                    ),
+                    "ours": ours,
+                    "verdict": outcome,
                 }
             )
     ours = {  # the paper's counts are of 32 layers; an all-layer run is not one of them
@@ -269,17 +307,28 @@ def claims(by_label: Mapping[str, Mapping[str, dict]]) -> list[dict]:
     }
     shared = [k for k in PAPER_RETENTION_BY_LAYERS if k in ours]
     if len(shared) >= 2:  # an ordering needs two points
-        steps = {
-            f"{a}→{b}": gap_verdict(
-                ours[b]["accuracy"] - ours[a]["accuracy"], noise(ours[a], ours[b])
+        pairs = list(zip(shared, shared[1:], strict=False))
+        intervals = {f"{a}→{b}": paired(ours[a], ours[b]) for a, b in pairs}
+        if all(iv is not None for iv in intervals.values()):
+            parts = {k: verdict(iv) for k, iv in intervals.items()}
+            head = all_hold(parts.values())
+            outcome = (
+                head
+                if head == "holds"
+                else f"{head}: " + ", ".join(f"{k} {v}" for k, v in parts.items())
             )
-            for a, b in zip(shared, shared[1:], strict=False)
-        }
-        if all(v == "holds" for v in steps.values()):
-            verdict = "holds"
-        else:  # one clear reversal refutes it; otherwise some steps are within the noise
-            head = "does not hold" if "does not hold" in steps.values() else "not resolved"
-            verdict = f"{head}: " + ", ".join(f"{k} {v}" for k, v in steps.items())
+        else:
+            steps = {
+                f"{a}→{b}": gap_verdict(
+                    ours[b]["accuracy"] - ours[a]["accuracy"], noise(ours[a], ours[b])
+                )
+                for a, b in pairs
+            }
+            if all(v == "holds" for v in steps.values()):
+                outcome = "holds"
+            else:  # one clear reversal refutes it; otherwise some steps are within the noise
+                head = "does not hold" if "does not hold" in steps.values() else "not resolved"
+                outcome = f"{head}: " + ", ".join(f"{k} {v}" for k, v in steps.items())
         out.append(
             {
                 "claim": "Retention falls as fewer layers are tuned (1 < 2 < 4 < 8)",
@@ -288,7 +337,7 @@ def claims(by_label: Mapping[str, Mapping[str, dict]]) -> list[dict]:
                     f"{k}: {ours[k]['retention_percent']:.1f} ± {ours[k]['retention_se']:.1f}%"
                     for k in shared
                 ),
-                "verdict": verdict,
+                "verdict": outcome,
             }
         )
     pruning = by_label.get("pruning", {})
@@ -302,15 +351,27 @@ def claims(by_label: Mapping[str, Mapping[str, dict]]) -> list[dict]:
 
         k, d_region, se_region = drop(region_tuned)
         _, d_all, se_all = drop(all_tuned)
+        ours = f"accuracy drop with {k} layers removed: region-tuned {d_region:+.3f}, all-layer-tuned {d_all:+.3f}"
+        if region_tuned.get("curve_questions") and all_tuned.get("curve_questions"):
+            # per question: right with none removed minus right with k removed, on both models
+            (r0, rk), (a0, ak) = region_tuned["curve_questions"], all_tuned["curve_questions"]
+            ids, r0 = correctness_matrix(r0)
+            drops = [r0 - correctness_matrix(rk, ids)[1]]
+            drops.append(correctness_matrix(a0, ids)[1] - correctness_matrix(ak, ids)[1])
+            iv = paired_bootstrap(*drops, seed=0)
+            ours += f"; all-layer minus region-tuned drop {iv}"
+            outcome = verdict(iv).outcome
+        else:
+            noise_drop = math.hypot(se_region, se_all)
+            ours += f" (s.e. of the difference {noise_drop:.3f})"
+            outcome = gap_verdict(d_all - d_region, noise_drop)
         out.append(
             {
                 "claim": "Pruning outside the region hurts the region-tuned model less than the "
                 "all-layer-tuned one",
                 "paper": "all-layer-tuned model degrades much faster",
-                "ours": f"accuracy drop with {k} layers removed: region-tuned {d_region:+.3f}, "
-                f"all-layer-tuned {d_all:+.3f} (s.e. of the difference "
-                f"{math.hypot(se_region, se_all):.3f})",
-                "verdict": gap_verdict(d_all - d_region, math.hypot(se_region, se_all)),
+                "ours": ours,
+                "verdict": outcome,
             }
         )
     return out
@@ -396,10 +457,12 @@ def write_report(
     command: str,
     metric_files: Mapping[str, str],
     results: str = "results",
+    questions: str | None = None,
 ) -> Path:
     """`results`/comparison.{md,json} and `results`/plots/ in `repo` from the finished runs
     (`done`: run name -> experiment commit; `metric_files`: name -> path of the metrics files
-    it reads); `command` is how the report says to rerun."""
+    it reads); `command` is how the report says to rerun. `questions`: evaluate's per-question
+    results folder, for the paired comparisons."""
     rows = {}
     for run in runs:
         if run.name in done:
@@ -408,6 +471,8 @@ def write_report(
             params = committed_params(repo, rev) or {}
             curve_n = params.get("evaluate", {}).get("curve_samples")
             rows[run.name] = run_row(run.name, run.name, metrics, rev, curve_n)
+            if questions:
+                rows[run.name].update(run_questions(repo, rev, params, questions, rows[run.name]))
     baseline = rows.get("all-layers")
     add_ratios(list(rows.values()), baseline)
     by_label: dict[str, dict[str, dict]] = {s: {} for s in SWEEPS}
@@ -425,12 +490,42 @@ def write_report(
     (out / "comparison.md").write_text(markdown)
     (out / "comparison.json").write_text(
         json.dumps(
-            {"runs": rows, "sweeps": by_label, "claims": claim_rows, "missing": missing},
+            {
+                "runs": {k: _without_questions(r) for k, r in rows.items()},
+                "sweeps": {
+                    k: {label: _without_questions(r) for label, r in v.items()}
+                    for k, v in by_label.items()
+                },
+                "claims": claim_rows,
+                "missing": missing,
+            },
             indent=2,
         )
         + "\n"
     )
     return out / "comparison.md"
+
+
+def run_questions(repo: Path, rev: str, params: Mapping, folder: str, row: Mapping) -> dict:
+    """The tuned model's answer to each question of its first held-out set, and to the curve's
+    questions at its first and last point, as experiment `rev` committed them: one list of
+    rows per seed (one seed per experiment), None where the experiment has none."""
+    entry = (params.get("evaluate", {}).get("data") or [None])[0]
+    source = entry if isinstance(entry, str) else (entry or {}).get("source")
+    tuned = source and committed_questions(repo, rev, f"{folder}/models/tuned/{source}.jsonl")
+    curve = row["prune_curve"]
+    ends = [
+        committed_questions(repo, rev, f"{folder}/prune_curve/{c['layers_removed']}.jsonl")
+        for c in ([curve[0], curve[-1]] if len(curve) >= 2 else [])
+    ]
+    return {
+        "questions": [tuned] if tuned else None,
+        "curve_questions": [[e] for e in ends] if len(ends) == 2 and all(ends) else None,
+    }
+
+
+def _without_questions(row: Mapping) -> dict:
+    return {k: v for k, v in row.items() if k not in ("questions", "curve_questions")}
 
 
 def reference_figures(repo: Path) -> dict:
@@ -468,9 +563,12 @@ def comparison_markdown(
         "# vregion: the paper's comparisons on the embedded default",
         f"Reproduce: `{command}` (each run is a DVC experiment: `dvc exp show`). Every figure "
         "is copied from the metrics files the runs committed (`comparison.json` names the "
-        "experiment revision of each); ± is the binomial standard error of the accuracy. A "
-        f'verdict needs a gap beyond {SIGNIFICANT:g} standard errors; a smaller one is "not '
-        'resolved" at this sample size, whatever the point estimates say. Step '
+        "experiment revision of each); ± is the binomial standard error of the accuracy. "
+        "Every run answers the same held-out questions, so each claim is decided on the paired "
+        "difference (or retention ratio) with a 95% paired bootstrap interval over questions "
+        'and seeds: "holds" or "fails" when the interval lies on one side, "not resolved" when '
+        "it straddles (runs without per-question results fall back to a gap beyond "
+        f"{SIGNIFICANT:g} standard errors). Step "
         "times come from runs made one after another, so their ratios carry machine noise; "
         "`benchmarks/selective_step_time.py` measures them side by side.",
     ]

@@ -15,6 +15,7 @@ import dvc.api
 from dvc.exceptions import DvcException
 from dvc.repo import Repo
 
+from vregion.eval.questions import parse_question_results
 from vregion.sweep.plan import Run, expected_params
 
 
@@ -61,6 +62,16 @@ def committed_metrics(repo: str | Path, rev: str, path: str) -> dict | None:
         return json.loads(dvc.api.read(path, repo=str(repo), rev=rev))
     except (DvcException, FileNotFoundError):
         return None
+
+
+def committed_questions(repo: str | Path, rev: str, path: str) -> list[dict] | None:
+    """Per-question results (`vregion.eval.questions`) as experiment commit `rev` holds them,
+    or None if it has none (experiments made before evaluate wrote them)."""
+    try:
+        text = dvc.api.read(path, repo=str(repo), rev=rev)
+    except (DvcException, FileNotFoundError):
+        return None
+    return parse_question_results(text, f"{rev[:8]}:{path}")
 
 
 def finished(
