@@ -10,13 +10,11 @@ sees: held-out accuracy per question kind beside a blind control (images shuffle
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import statistics
 import sys
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -24,14 +22,20 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from stages._common import log, run_stage, write_csv, write_json
-from vregion.config import ConfigError, DataMix, FinetuneConfig, Params, load_params
-from vregion.data.dataset import balanced_parts, resolve_mix, total_steps
-from vregion.devices import gpu_available, pick_device, resolve_precision
+from vregion.config import ConfigError, Params, load_params
+from vregion.data.dataset import balanced_parts, resolve_mix
+from vregion.devices import pick_device, resolve_precision
 from vregion.distributed import forget_run, local_ray, progress_relay
 from vregion.eval.visual import visual_accuracy
 from vregion.models.loading import load_lvlm
 from vregion.plots import accuracy_chart, note_chart
-from vregion.train.finetune import FinetuneJob, export_tuned, job_dataset, run_finetune
+from vregion.train.finetune import (
+    FinetuneJob,
+    export_tuned,
+    job_dataset,
+    resolve_use_gpu,
+    run_finetune,
+)
 from vregion.train.loop import ImageSet, deranged, mean_answer_loss
 
 ALIGNED = "models/aligned"
@@ -54,54 +58,10 @@ def region_layers(path: str = REGION) -> list[int]:
     return layers
 
 
-def build_job(p: Params, layers: list[int]) -> FinetuneJob:
-    f = p.finetune
-    data_dir = str(Path(DATA).resolve())  # Ray workers do not share our working directory
-    records = sum(len(part.rows) for part in resolve_mix(f.data, p.model.seed, data_dir))
-    return FinetuneJob(
-        aligned=str(Path(ALIGNED).resolve()),
-        data=[m.model_dump() for m in f.data],
-        data_dir=data_dir,
-        layers=layers,
-        mode=f.mode,
-        lora={"r": f.lora_r, "alpha": f.lora_alpha, "dropout": f.lora_dropout},
-        projector_lr=f.projector_lr,
-        llm_lr=f.llm_lr,
-        steps=total_steps(f.steps, f.epochs, records, f.batch_size, f.num_workers, f.grad_accum),
-        batch_size=f.batch_size,
-        grad_accum=f.grad_accum,
-        warmup_ratio=f.warmup_ratio,
-        gradient_checkpointing=f.gradient_checkpointing,
-        precision=f.precision,
-        dtype=p.model.dtype,
-        system_prompt=p.model.system_prompt,
-        seed=p.model.seed,
-        checkpoint_every=f.checkpoint_every,
-        train_vision=f.train_vision,
-        parallel=f.parallel,
-        loader_workers=f.loader.workers,
-        prefetch_factor=f.loader.prefetch_factor,
-        group_by_length=f.loader.group_by_length,
-    )
-
-
-def run_name(job: FinetuneJob) -> str:
-    """Same job, same name: a rerun after an interruption finds and resumes its checkpoints."""
-    settings = {k: v for k, v in asdict(job).items() if k not in ("aligned", "data_dir")}
-    # A new aligned model or new records (a rerun of prepare/ingest): a new run.
-    files = [Path(job.aligned, "model.safetensors")]
-    files += [
-        Path(part.records)
-        for part in resolve_mix([DataMix(**d) for d in job.data], job.seed, job.data_dir)
-    ]
-    stamps = [f.stat().st_mtime_ns if f.is_file() else 0 for f in files]
-    digest = hashlib.sha1(json.dumps([settings, stamps], sort_keys=True).encode()).hexdigest()
-    return f"finetune-{digest[:12]}"
-
-
 def train_metrics(
     result_metrics: dict, curve: list[dict], job: FinetuneJob, use_gpu: bool, records: int
 ) -> dict:
+    c = job.config
     steps = [row["seconds"] for row in curve[1:]] or [row["seconds"] for row in curve]
     per_step = statistics.median(steps)  # the first step pays for warm-up
     world = result_metrics["world_size"]
@@ -109,19 +69,19 @@ def train_metrics(
     return {
         "region": job.layers,
         "region_size": len(job.layers),
-        "data": [d["source"] for d in job.data],
+        "data": [d.source for d in c.data],
         "train_records": records,
-        "epochs": round(len(curve) * job.batch_size * job.grad_accum * world / records, 3),
-        "mode": job.mode,
-        "parallel": job.parallel if world > 1 else "none",
+        "epochs": round(len(curve) * c.batch_size * c.grad_accum * world / records, 3),
+        "mode": c.mode,
+        "parallel": c.parallel if world > 1 else "none",
         "steps": len(curve),
         "world_size": world,
         "use_gpu": use_gpu,
         "precision": resolve_precision(
-            job.precision, pick_device() if use_gpu else torch.device("cpu")
+            c.precision, pick_device() if use_gpu else torch.device("cpu")
         ),
         "seconds_per_step": round(per_step, 4),
-        "samples_per_second": round(job.batch_size * job.grad_accum * world / per_step, 3),
+        "samples_per_second": round(c.batch_size * c.grad_accum * world / per_step, 3),
         "train_seconds": round(sum(row["seconds"] for row in curve), 1),
         "peak_memory_mb": result_metrics["peak_memory_mb"],
         "trainable_params": result_metrics["trainable_params"],
@@ -168,23 +128,14 @@ def check_vision(p: Params) -> tuple[str, dict]:
 
 # The phases are tasks, so the run page shows where the time went.
 @task(name="train", cache_policy=NO_CACHE)
-def train(job: FinetuneJob, name: str, f: FinetuneConfig, use_gpu: bool):
+def train(job: FinetuneJob, name: str, use_gpu: bool):
     """The loop on Ray Train workers; rank 0's steps reach this run through the relay."""
     with (
         tempfile.TemporaryDirectory(prefix="vr", dir="/tmp") as ray_tmp,
         local_ray(ray_tmp),
         progress_relay() as relay,
     ):
-        result = run_finetune(
-            job,
-            name=name,
-            local_dir=RUNS,
-            num_workers=f.num_workers,
-            use_gpu=use_gpu,
-            placement_strategy=f.placement,
-            max_failures=f.max_failures,
-            progress=relay,
-        )
+        result = run_finetune(job, name=name, local_dir=RUNS, use_gpu=use_gpu, progress=relay)
     if result.error is not None:
         raise result.error
     return result
@@ -202,13 +153,14 @@ def export(job: FinetuneJob, result, name: str) -> dict:
 @flow(name="finetune", log_prints=True)
 def finetune(params: str = "params.yaml") -> dict:
     p = load_params(params)
-    job = build_job(p, region_layers())
-    use_gpu = gpu_available() if p.finetune.use_gpu == "auto" else bool(p.finetune.use_gpu)
-    name = run_name(job)
+    job = FinetuneJob.resolve(p, region_layers(), aligned=ALIGNED, data_dir=DATA)
+    use_gpu = resolve_use_gpu(p.finetune.use_gpu)
+    name = job.run_name()
     print(
-        f"finetune: {job.mode} on layers {job.layers}, run {name}, {p.finetune.num_workers} worker(s)"
+        f"finetune: {p.finetune.mode} on layers {job.layers}, run {name}, "
+        f"{p.finetune.num_workers} worker(s)"
     )
-    result = train(job, name, p.finetune, use_gpu)
+    result = train(job, name, use_gpu)
     exported = export(job, result, name)
     curve = exported["curve"]
     records = len(job_dataset(job, None))
@@ -225,7 +177,9 @@ def finetune(params: str = "params.yaml") -> dict:
             ],
         )
         accuracy_chart(
-            {"tuned": held_out}, CHART, title=f"Tuned model ({job.mode}, layers {job.layers})"
+            {"tuned": held_out},
+            CHART,
+            title=f"Tuned model ({p.finetune.mode}, layers {job.layers})",
         )
         o = held_out["overall"]
         summary = f"visual accuracy {o['accuracy']:.3f} (blind {o['blind']:.3f}, chance {o['chance']:.3f})"

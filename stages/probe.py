@@ -22,7 +22,7 @@ from vregion.models.layer_map import layer_map
 from vregion.models.loading import load_lvlm
 from vregion.region.scores import score_layers
 from vregion.train.loop import ImageSet, batches_of, train_steps
-from vregion.train.selective import LoraSettings, make_region_trainable, trainable_groups
+from vregion.train.selective import make_region_trainable, trainable_groups
 
 ALIGNED = "models/aligned"
 DATA = "data"
@@ -34,10 +34,8 @@ METRICS = "metrics/probe.json"
 def probe_tune(model, processor, data: RecordDataset, p, device, precision):
     """A short all-layer LoRA tuning on a copy; returns the merged tuned model and its curve."""
     lmap = layer_map(model)
-    lora = LoraSettings(r=p.probe.lora_r, alpha=2 * p.probe.lora_r, dropout=0.05)
-    tuned = make_region_trainable(
-        copy.deepcopy(model), range(lmap.num_layers), mode="lora", lora=lora
-    )
+    lora = dict(lora_r=p.probe.lora_r, lora_alpha=2 * p.probe.lora_r, lora_dropout=0.05)
+    tuned = make_region_trainable(copy.deepcopy(model), range(lmap.num_layers), mode="lora", **lora)
     groups = trainable_groups(tuned, projector_lr=p.probe.tune_lr, llm_lr=p.probe.tune_lr)
     batches = training_loader(
         data, min(p.probe.batch_size, len(data)), device=device, seed=p.model.seed, workers=0

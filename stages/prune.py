@@ -18,15 +18,14 @@ from stages.finetune import region_layers
 from vregion.config import ConfigError, Params, load_params
 from vregion.data.dataset import RecordDataset, balanced_parts, resolve_mix, training_loader
 from vregion.devices import pick_device, resolve_precision
-from vregion.eval.speed import parameter_count
 from vregion.models.base import save_checkpoint
-from vregion.models.layer_map import layer_map
+from vregion.models.layer_map import layer_map, parameter_counts
 from vregion.models.loading import load_lvlm
 from vregion.plots import layer_scores_chart
 from vregion.prune import plan_pruning, prune_llm_layers
 from vregion.region.scores import score_layers
 from vregion.train.loop import ImageSet, batches_of, train_steps
-from vregion.train.selective import LoraSettings, make_region_trainable, trainable_groups
+from vregion.train.selective import make_region_trainable, trainable_groups
 
 TUNED = "models/tuned/merged"
 DATA = "data"
@@ -38,8 +37,8 @@ CHART = "reports/plots/prune_scores.png"
 def heal(model, processor, region_after: list[int], p: Params, device):
     """A short LoRA pass on the pruned model's region (and projector), merged back."""
     f = p.finetune
-    lora = LoraSettings(r=f.lora_r, alpha=f.lora_alpha, dropout=f.lora_dropout)
-    model = make_region_trainable(model, region_after, mode="lora", lora=lora)
+    lora = dict(lora_r=f.lora_r, lora_alpha=f.lora_alpha, lora_dropout=f.lora_dropout)
+    model = make_region_trainable(model, region_after, mode="lora", **lora)
     train = RecordDataset(resolve_mix(f.data, p.model.seed, DATA), processor, p.model.system_prompt)
     batches = training_loader(
         train, f.batch_size, device=device, seed=p.model.seed, workers=f.loader.workers
@@ -78,7 +77,7 @@ def prune(params: str = "params.yaml") -> dict:
     if lmap.fixed_layers:  # layers the family cannot lose, e.g. Qwen3-VL's deepstack layers
         print(f"never pruned in {lmap.family}: {list(lmap.fixed_layers)} ({lmap.fixed_reason})")
         protected = sorted(set(protected) | set(lmap.fixed_layers))
-    params_before = parameter_count(model)
+    params_before = parameter_counts(model)["total_params"]
     data = calibration_set(p)
     batches = list(batches_of(processor, data, p.model.system_prompt, p.prune.batch_size))
     scores = score_layers(model, batches, [p.prune.scorer])[p.prune.scorer]
@@ -112,7 +111,7 @@ def prune(params: str = "params.yaml") -> dict:
         "protected": protected,
         "region_after_pruning": region_after,
         "parameters_before": params_before,
-        "parameters_after": parameter_count(model),
+        "parameters_after": parameter_counts(model)["total_params"],
         "healing_steps": p.prune.heal_steps,
         "healing_final_loss": heal_curve[-1]["loss"] if heal_curve else None,
         "scored_on": f"{len(data)} held-out questions",

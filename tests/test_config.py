@@ -83,12 +83,6 @@ def test_config_is_a_leaf_that_loads_without_torch():
     assert float(out.stdout) < 2.0  # about 0.2 s (pydantic and yaml); torch alone takes seconds
 
 
-def test_finetune_seed_defaults_to_the_model_seed():
-    p = Params.model_validate({"model": {"seed": 7}})
-    assert p.finetune.seed is None  # null: training uses model.seed, as before the field existed
-    assert Params.model_validate({"finetune": {"seed": 3}}).finetune.seed == 3
-
-
 def test_every_field_has_a_docstring():
     def walk(model_cls, prefix=""):
         for name, field in model_cls.model_fields.items():

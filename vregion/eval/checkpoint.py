@@ -19,8 +19,9 @@ from vregion.data.dataset import part_from_dict
 from vregion.data.encode import prompt_batch
 from vregion.data.text_skill import read_text_set, score_text_skill
 from vregion.devices import peak_memory_mb, pick_device, resolve_precision
-from vregion.eval.speed import generation_speed, parameter_count, size_on_disk
+from vregion.eval.speed import generation_speed, size_on_disk
 from vregion.eval.visual import open_answer_accuracy, visual_accuracy
+from vregion.models.layer_map import parameter_counts
 from vregion.train.loop import ImageSet
 
 
@@ -57,7 +58,7 @@ def evaluate_checkpoint(job: EvalJob) -> dict:
     out: dict = {
         "checkpoint": job.checkpoint,
         "num_layers": layer_map(model).num_layers,
-        "parameters": parameter_count(model),
+        "parameters": parameter_counts(model)["total_params"],
         "size_mb": round(size_on_disk(job.checkpoint) / 2**20, 2),
         "precision": precision,
     }
