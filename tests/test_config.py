@@ -71,16 +71,16 @@ def test_config_is_a_leaf_that_loads_without_torch():
     import sys
 
     code = (
-        "import sys, time; t = time.perf_counter(); import vregion.config as c; "
+        "import sys; import vregion.config as c; "
         f"c.load_params({str(ROOT / 'params.yaml')!r}); "
-        "print(time.perf_counter() - t); "
         "heavy = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; "
         "ours = [m for m in sys.modules if m.startswith('vregion') and m != 'vregion.config']; "
         "assert not heavy, heavy; assert ours == ['vregion'], ours"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    # No timing bound (a busy machine would make it flaky): without torch, transformers and
+    # peft it takes about 0.3 s (pydantic and yaml), where they alone took 4 s.
     assert out.returncode == 0, out.stderr
-    assert float(out.stdout) < 2.0  # about 0.2 s (pydantic and yaml); torch alone takes seconds
 
 
 def test_every_field_has_a_docstring():
