@@ -17,16 +17,9 @@ PYTEST_ARGS ?=
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 
-# Offline and quiet defaults for HF, Prefect, Ray and DVC (stages set the same when run by hand).
-export HF_HUB_OFFLINE := 1
+# The offline and quiet defaults live in infra/environment.py, applied by every stage, flow and
+# test; only `dvc` itself starts before any of them, so its analytics are switched off here.
 export DVC_NO_ANALYTICS := 1
-export PREFECT_HOME ?= $(CURDIR)/.prefect
-export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
-export RAY_USAGE_STATS_ENABLED := 0
-export RAY_AUTH_MODE := disabled
-export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0  # keeps a local Ray on loopback
-export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install run sweep test lint clean help
 help:  ## list targets

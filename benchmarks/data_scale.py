@@ -146,7 +146,7 @@ def run_one(args: argparse.Namespace) -> dict:
     from vregion.models.loading import load_lvlm
     from vregion.region.select import select_layers
     from vregion.train.loop import train_steps
-    from vregion.train.selective import LoraSettings, make_region_trainable, trainable_groups
+    from vregion.train.selective import make_region_trainable, trainable_groups
 
     # The same batches at both sizes: the sampler draws from the first `small` records only.
     sampler = ShardedBatchSampler(
@@ -160,7 +160,9 @@ def run_one(args: argparse.Namespace) -> dict:
     )
     model, _ = load_lvlm(args.model)
     layers = select_layers(layer_map(model).num_layers, "uniform", 0.25)
-    model = make_region_trainable(model, layers, mode="lora", lora=LoraSettings(16, 32, 0.05))
+    model = make_region_trainable(
+        model, layers, mode="lora", lora_r=16, lora_alpha=32, lora_dropout=0.05
+    )
     curve = train_steps(
         model,
         loader,

@@ -42,18 +42,18 @@ def timed_worker(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from vregion.train.finetune import FinetuneJob, build_trainable, worker_batches
+    from vregion.train.finetune import build_trainable, worker_batches
     from vregion.train.loop import answer_nll
     from vregion.train.selective import trainable_groups
 
     torch.set_num_threads(config["threads"])
-    job = FinetuneJob(**config["job"])
+    job = config["job"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = torch.device("cpu")
     torch.manual_seed(job.seed)
     model, processor = build_trainable(job, device)
-    groups = trainable_groups(model, projector_lr=job.projector_lr, llm_lr=job.llm_lr)
+    groups = trainable_groups(model, projector_lr=job.config.projector_lr, llm_lr=job.config.llm_lr)
     params = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     stream = iter(worker_batches(job, processor, device, rank, world, 0))
@@ -65,7 +65,7 @@ def timed_worker(config: dict) -> None:
         batch = dict(next(stream))
         t1 = time.perf_counter()
         labels = batch.pop("labels")
-        nll, n = answer_nll(model, batch, labels, precision=job.precision, device=device)
+        nll, n = answer_nll(model, batch, labels, precision=job.config.precision, device=device)
         (nll / max(n, 1)).backward()
         t2 = time.perf_counter()
         if world > 1:
@@ -99,8 +99,6 @@ def timed_worker(config: dict) -> None:
 
 def run_world(args, job, world: int, round_: int) -> list[list[dict]]:
     """One run of `world` workers; each rank's timed rows."""
-    from dataclasses import asdict
-
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -108,7 +106,7 @@ def run_world(args, job, world: int, round_: int) -> list[list[dict]]:
     rows_dir.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
         timed_worker,
-        train_loop_config={"job": asdict(job), "threads": 1, "rows_dir": str(rows_dir)},
+        train_loop_config={"job": job, "threads": 1, "rows_dir": str(rows_dir)},
         scaling_config=ScalingConfig(
             num_workers=world,
             use_gpu=False,
@@ -158,37 +156,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="1 and 2 workers alternate")
     parser.add_argument("--out", default="benchmarks/results/multinode_scaling.json")
     args = parser.parse_args(argv)
-    for name, value in {
-        "OMP_NUM_THREADS": "1",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }.items():
-        os.environ.setdefault(name, value)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from infra.environment import apply_defaults
+
+    apply_defaults()
     import ray
     from transformers import AutoConfig
 
     from infra import ray_nodes
     from infra.process import free_ports
+    from vregion.config import Params
     from vregion.region.select import select_layers
     from vregion.train.finetune import FinetuneJob
 
-    aligned = str(Path(args.aligned).resolve())
-    layers_total = AutoConfig.from_pretrained(aligned).text_config.num_hidden_layers
-    job = FinetuneJob(
-        aligned=aligned,
-        data=[{"source": "synthetic/train/vqa"}],
-        data_dir=str(Path(args.data_dir).resolve()),
-        layers=select_layers(layers_total, "uniform", 0.25),
-        mode="lora",
-        lora={"r": 16, "alpha": 32, "dropout": 0.0},
+    layers_total = AutoConfig.from_pretrained(args.aligned).text_config.num_hidden_layers
+    finetune = dict(
         steps=args.steps,
         batch_size=args.batch_size,
+        lora_dropout=0.0,
         precision="fp32",
-        loader_workers=0,
+        loader={"workers": 0},
+    )
+    job = FinetuneJob.resolve(
+        Params.model_validate({"finetune": finetune}),
+        select_layers(layers_total, "uniform", 0.25),
+        aligned=args.aligned,
+        data_dir=args.data_dir,
     )
     temp = Path(tempfile.mkdtemp(prefix="rb", dir="/tmp"))
     port = free_ports(1)[0]
@@ -204,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                 began = time.monotonic()
                 runs[world].append(run_world(args, job, world, round_))
                 print(f"round {round_}, {world} worker(s): {time.monotonic() - began:.0f} s")
-        results = [summarize(runs[w], job.batch_size, w) for w in (1, 2)]
+        results = [summarize(runs[w], job.config.batch_size, w) for w in (1, 2)]
     finally:
         ray.shutdown()
         ray_nodes.stop_cluster(temp)

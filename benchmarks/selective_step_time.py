@@ -49,16 +49,11 @@ def run_one(args: argparse.Namespace) -> dict:
 
     from vregion.data.dataset import Part, RecordDataset, source_files, training_loader
     from vregion.devices import pick_device, resolve_precision
-    from vregion.models.layer_map import layer_map
+    from vregion.models.layer_map import layer_map, parameter_counts
     from vregion.models.loading import load_lvlm
     from vregion.region.select import select_layers
     from vregion.train.loop import train_steps
-    from vregion.train.selective import (
-        LoraSettings,
-        make_region_trainable,
-        parameter_counts,
-        trainable_groups,
-    )
+    from vregion.train.selective import make_region_trainable, trainable_groups
 
     torch.manual_seed(0)
     device = pick_device()
@@ -71,8 +66,8 @@ def run_one(args: argparse.Namespace) -> dict:
         "projector_only": [],
     }[args.one]
     mode = "full" if args.one in ("region_full", "projector_only") else "lora"
-    lora = LoraSettings(r=args.lora_r, alpha=2 * args.lora_r, dropout=0.05)
-    model = make_region_trainable(model, layers, mode=mode, lora=lora).to(device)
+    lora = dict(lora_r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.05)
+    model = make_region_trainable(model, layers, mode=mode, **lora).to(device)
     records, root = source_files("synthetic/train/vqa", args.data)
     rows = np.arange(args.batch_size * (args.warmup + args.steps + 1))
     data = RecordDataset(

@@ -28,18 +28,13 @@ factor × 1, 2, 4, ...; `VREGION_RETRIES` (default 3) the number of retries.
 
 from __future__ import annotations
 
-import os
+from infra.environment import apply_defaults
 
-for _key, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "DVC_NO_ANALYTICS": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-}.items():
-    os.environ.setdefault(_key, _value)
+apply_defaults()  # before Prefect and DVC are imported
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Iterable, Mapping  # noqa: E402
@@ -138,8 +133,6 @@ def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for `dvc`: this interpreter first on PATH, this process's Prefect API."""
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env["DVC_NO_ANALYTICS"] = "1"
-    env["HF_HUB_OFFLINE"] = env.get("HF_HUB_OFFLINE", "1")
     url = prefect_api_url()
     if url:
         env["PREFECT_API_URL"] = url

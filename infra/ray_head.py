@@ -27,17 +27,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from infra import environment as environment_defaults
 from infra import process
 from infra.process import HOST, ServiceError, Status
 
 DEFAULT_PORT = 6379
 START_TIMEOUT = 90.0  # `ray start` takes ~7 s on 2 cores
 STOP_TIMEOUT = 5.0  # per step (raylet, agents, GCS), then SIGKILL
-RAY_ENV = {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-}
+RAY_ENV = environment_defaults.RAY
 # <temp>/session_YYYY-MM-DD_HH-MM-SS_ffffff_PID/sockets/plasma_store must fit a 107-byte socket path.
 _SOCKET_SUFFIX = len("/session_2026-01-01_00-00-00_000000_4194304/sockets/plasma_store")
 

@@ -2,25 +2,10 @@
 
 from __future__ import annotations
 
-import os
+from infra.environment import apply_defaults
 
-# Before Prefect, Ray, DVC or transformers are imported: offline and quiet by default, and
-# Prefect's state inside the project (a user's PREFECT_API_URL / PREFECT_HOME still win).
-for _key, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "DVC_NO_ANALYTICS": "1",
-    # DVC_ROOT: the repo's root, also for a queued experiment running in a temporary copy, so
-    # experiments land in the same Prefect database and server as the repo's own runs.
-    "PREFECT_HOME": os.path.join(os.environ.get("DVC_ROOT") or os.getcwd(), ".prefect"),
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-    "PREFECT_LOGGING_EXTRA_LOGGERS": "vregion",  # library logs show up in the flow run's logs
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keeps a local Ray on loopback
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
-    os.environ.setdefault(_key, _value)
+# Before Prefect, Ray, DVC or transformers are imported (a user's own settings still win).
+apply_defaults()
 
 import argparse  # noqa: E402
 import csv  # noqa: E402
@@ -32,6 +17,7 @@ from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from vregion.config import ConfigError, load_params  # noqa: E402
+from vregion.region.registry import check_params  # noqa: E402
 
 log = logging.getLogger("vregion.stages")
 
@@ -154,7 +140,9 @@ def run_stage(
     actionable = (ConfigError, FileNotFoundError, DataFileError)
     logging.getLogger("prefect.flow_runs").addFilter(_ActionableErrorsWithoutTraceback(actionable))
     try:
-        load_params(args.params)  # fail fast, before a Prefect server is started for nothing
+        # Fail fast, before a Prefect server starts or a model loads for nothing; the scorer
+        # and strategy names too, of the registries this stage imported (it uses them).
+        check_params(load_params(args.params), loaded_only=True)
     except actionable as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

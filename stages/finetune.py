@@ -13,15 +13,14 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
-from pathlib import Path
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from stages._common import log, run_stage, write_csv, write_json
-from vregion.config import FinetuneConfig, Params, load_params
-from vregion.data.dataset import balanced_set, resolve_mix, total_steps
-from vregion.devices import gpu_available, pick_device, resolve_precision
+from vregion.config import Params, load_params
+from vregion.data.dataset import balanced_set
+from vregion.devices import pick_device, resolve_precision
 from vregion.distributed import forget_run, local_ray, progress_relay
 from vregion.eval.visual import held_out_check
 from vregion.models.loading import load_lvlm
@@ -31,41 +30,10 @@ from vregion.train.finetune import (
     FinetuneJob,
     export_tuned,
     job_dataset,
+    resolve_use_gpu,
     run_finetune,
-    run_name,
     train_metrics,
 )
-
-
-def build_job(p: Params, layers: list[int], aligned: str, data: str) -> FinetuneJob:
-    f = p.finetune
-    data_dir = str(Path(data).resolve())  # Ray workers do not share our working directory
-    records = sum(len(part.rows) for part in resolve_mix(f.data, p.model.seed, data_dir))
-    return FinetuneJob(
-        aligned=str(Path(aligned).resolve()),
-        data=[m.model_dump() for m in f.data],
-        data_dir=data_dir,
-        layers=layers,
-        mode=f.mode,
-        lora={"r": f.lora_r, "alpha": f.lora_alpha, "dropout": f.lora_dropout},
-        projector_lr=f.projector_lr,
-        llm_lr=f.llm_lr,
-        steps=total_steps(f.steps, f.epochs, records, f.batch_size, f.num_workers, f.grad_accum),
-        batch_size=f.batch_size,
-        grad_accum=f.grad_accum,
-        warmup_ratio=f.warmup_ratio,
-        gradient_checkpointing=f.gradient_checkpointing,
-        precision=f.precision,
-        dtype=p.model.dtype,
-        system_prompt=p.model.system_prompt,
-        seed=p.model.seed,
-        checkpoint_every=f.checkpoint_every,
-        train_vision=f.train_vision,
-        parallel=f.parallel,
-        loader_workers=f.loader.workers,
-        prefetch_factor=f.loader.prefetch_factor,
-        group_by_length=f.loader.group_by_length,
-    )
 
 
 def check_vision(p: Params, checkpoint: str, data: str) -> tuple[str, dict]:
@@ -89,23 +57,14 @@ def check_vision(p: Params, checkpoint: str, data: str) -> tuple[str, dict]:
 
 # The phases are tasks, so the run page shows where the time went.
 @task(name="train", cache_policy=NO_CACHE)
-def train(job: FinetuneJob, name: str, f: FinetuneConfig, use_gpu: bool, runs: str):
+def train(job: FinetuneJob, name: str, use_gpu: bool, runs: str):
     """The loop on Ray Train workers; rank 0's steps reach this run through the relay."""
     with (
         tempfile.TemporaryDirectory(prefix="vr", dir="/tmp") as ray_tmp,
         local_ray(ray_tmp),
         progress_relay() as relay,
     ):
-        result = run_finetune(
-            job,
-            name=name,
-            local_dir=runs,
-            num_workers=f.num_workers,
-            use_gpu=use_gpu,
-            placement_strategy=f.placement,
-            max_failures=f.max_failures,
-            progress=relay,
-        )
+        result = run_finetune(job, name=name, local_dir=runs, use_gpu=use_gpu, progress=relay)
     if result.error is not None:
         raise result.error
     return result
@@ -148,13 +107,14 @@ def finetune(
         params: params file
     """
     p = load_params(params)
-    job = build_job(p, region_layers(region), aligned, data)
-    use_gpu = gpu_available() if p.finetune.use_gpu == "auto" else bool(p.finetune.use_gpu)
-    name = run_name(job)
+    job = FinetuneJob.resolve(p, region_layers(region), aligned=aligned, data_dir=data)
+    use_gpu = resolve_use_gpu(p.finetune.use_gpu)
+    name = job.run_name()
     print(
-        f"finetune: {job.mode} on layers {job.layers}, run {name}, {p.finetune.num_workers} worker(s)"
+        f"finetune: {p.finetune.mode} on layers {job.layers}, run {name}, "
+        f"{p.finetune.num_workers} worker(s)"
     )
-    result = train(job, name, p.finetune, use_gpu, runs)
+    result = train(job, name, use_gpu, runs)
     exported = export(job, result, name, out, runs)
     steps = exported["curve"]
     records = len(job_dataset(job, None))
@@ -173,7 +133,9 @@ def finetune(
             ],
         )
         accuracy_chart(
-            {"tuned": held_out}, chart, title=f"Tuned model ({job.mode}, layers {job.layers})"
+            {"tuned": held_out},
+            chart,
+            title=f"Tuned model ({p.finetune.mode}, layers {job.layers})",
         )
         o = held_out["overall"]
         summary = f"visual accuracy {o['accuracy']:.3f} (blind {o['blind']:.3f}, chance {o['chance']:.3f})"

@@ -17,9 +17,8 @@ from stages._common import run_stage, write_json
 from vregion.config import ConfigError, load_params
 from vregion.data.dataset import balanced_set
 from vregion.devices import pick_device
-from vregion.eval.speed import parameter_count
 from vregion.models.base import save_checkpoint
-from vregion.models.layer_map import layer_map
+from vregion.models.layer_map import layer_map, parameter_counts
 from vregion.models.loading import load_lvlm
 from vregion.plots import layer_scores_chart
 from vregion.prune import plan_pruning, prune_llm_layers
@@ -63,7 +62,7 @@ def prune(
     if lmap.fixed_layers:  # layers the family cannot lose, e.g. Qwen3-VL's deepstack layers
         print(f"never pruned in {lmap.family}: {list(lmap.fixed_layers)} ({lmap.fixed_reason})")
         protected = sorted(set(protected) | set(lmap.fixed_layers))
-    params_before = parameter_count(model)
+    params_before = parameter_counts(model)["total_params"]
     calibration = balanced_set(p.prune.data, p.prune.samples, p.model.seed, data)
     batches = list(batches_of(processor, calibration, p.model.system_prompt, p.prune.batch_size))
     scores = score_layers(model, batches, [p.prune.scorer])[p.prune.scorer]
@@ -97,7 +96,7 @@ def prune(
         "protected": protected,
         "region_after_pruning": region_after,
         "parameters_before": params_before,
-        "parameters_after": parameter_count(model),
+        "parameters_after": parameter_counts(model)["total_params"],
         "healing_steps": p.prune.heal_steps,
         "healing_final_loss": heal_curve[-1]["loss"] if heal_curve else None,
         "scored_on": f"{len(calibration)} held-out questions",

@@ -3,18 +3,14 @@
 import os
 import tempfile
 
-# Set before transformers / prefect / ray / dvc are imported anywhere in the test session.
+from infra.environment import defaults
+
+# Set before transformers / prefect / ray / dvc are imported anywhere in the test session:
+# the project's defaults, forced (a developer's own settings must not leak into tests), with
+# every service's state in a temporary directory.
 _STATE = tempfile.mkdtemp(prefix="vregion-tests-")
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["DVC_NO_ANALYTICS"] = "1"
+os.environ.update(defaults(_STATE))
 os.environ["PREFECT_HOME"] = os.path.join(_STATE, "prefect")
-os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "90"
-os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-os.environ["RAY_AUTH_MODE"] = "disabled"
-# Ray swaps 127.0.0.1 for the routable IP and binds on all interfaces unless told not to.
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.pop("PREFECT_API_URL", None)
 # Stages run as subprocesses share one Prefect server per PREFECT_HOME (infra.prefect_server.
 # shared); in tests it stops after a minute without a flow run, the session's at the end.

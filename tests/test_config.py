@@ -18,6 +18,71 @@ def test_project_params_are_valid_and_complete():
     assert params.model.base == "embedded"
 
 
+PARAMS_YAML_DIFFERS = {
+    # The schema's defaults are the embedded default run's values (vregion/config.py's module
+    # docstring); params.yaml departs from them only here, on purpose:
+    "evaluate.samples": (
+        600,  # 100 questions per kind keeps evaluate to minutes on a laptop ...
+        None,  # ... while a real evaluation scores every held-out record
+    ),
+    "evaluate.lm_eval.tasks": (
+        ["vregion_text_mc"],  # the demo runs the shipped task ...
+        [],  # ... but the harnesses are an optional install (`make install EVAL=0`): opt-in
+    ),
+    "evaluate.lmms_eval.tasks": (["vregion_vqa"], []),  # the same, for lmms-eval
+    "evaluate.lm_eval.batch_size": (
+        8,  # lm-eval's text tasks batch well ...
+        1,  # ... the default is one both harnesses accept (lmms-eval's llava_hf refuses more)
+    ),
+    "evaluate.lmms_eval.limit": (
+        120,  # free generation on a CPU is the slow part of the demo ...
+        None,  # ... a real run scores the whole task
+    ),
+}
+
+
+def _leaves(value, prefix=""):
+    """Dotted path -> value for every field of a dumped config."""
+    if isinstance(value, dict) and value:
+        out = {}
+        for key, sub in value.items():
+            out.update(_leaves(sub, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def test_params_yaml_values_are_the_schema_defaults():
+    """One set of defaults: params.yaml agrees with the schema except where listed (and why)."""
+    ours = _leaves(load_params(ROOT / "params.yaml").model_dump(mode="json"))
+    defaults = _leaves(Params().model_dump(mode="json"))
+    assert ours.keys() == defaults.keys()
+    differs = {k: (ours[k], defaults[k]) for k in ours if ours[k] != defaults[k]}
+    unexplained = {k: v for k, v in differs.items() if PARAMS_YAML_DIFFERS.get(k) != v}
+    assert not unexplained, (
+        f"params.yaml vs schema default, not in PARAMS_YAML_DIFFERS: {unexplained}"
+    )
+    stale = set(PARAMS_YAML_DIFFERS) - set(differs)
+    assert not stale, f"PARAMS_YAML_DIFFERS lists values that now agree: {stale}"
+
+
+def test_config_is_a_leaf_that_loads_without_torch():
+    """`load_params` (every stage's first step, `report`'s only heavy one) imports no torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import vregion.config as c; "
+        f"c.load_params({str(ROOT / 'params.yaml')!r}); "
+        "heavy = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; "
+        "ours = [m for m in sys.modules if m.startswith('vregion') and m != 'vregion.config']; "
+        "assert not heavy, heavy; assert ours == ['vregion'], ours"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    # No timing bound (a busy machine would make it flaky): without torch, transformers and
+    # peft it takes about 0.3 s (pydantic and yaml), where they alone took 4 s.
+    assert out.returncode == 0, out.stderr
+
+
 def test_every_field_has_a_docstring():
     def walk(model_cls, prefix=""):
         for name, field in model_cls.model_fields.items():

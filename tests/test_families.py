@@ -26,7 +26,7 @@ from vregion.models.layer_map import (
 from vregion.models.tiny import FamilyNotInstalledError, tiny_inputs, tiny_lvlm
 from vregion.prune import layers_to_prune, prune_llm_layers
 from vregion.region.scores import SCORERS, score_layers, skipped_layer
-from vregion.train.selective import LoraSettings, make_region_trainable, trainable_groups
+from vregion.train.selective import make_region_trainable, trainable_groups
 
 SUPPORTED = [t for t, spec in ARCHITECTURES.items() if spec.refused is None]
 REFUSED = [t for t, spec in ARCHITECTURES.items() if spec.refused is not None]
@@ -90,7 +90,7 @@ def test_family_end_to_end(model_type, tmp_path, capsys):
     # One region-LoRA step: only the region's layers and the projector change.
     before = snapshot(original)
     peft_model = make_region_trainable(
-        copy.deepcopy(original), REGION, lora=LoraSettings(r=4, alpha=8, dropout=0.0)
+        copy.deepcopy(original), REGION, lora_r=4, lora_alpha=8, lora_dropout=0.0
     )
     lora_modules = {n.split(".lora_")[0] for n, p in peft_model.named_parameters() if "lora_" in n}
     present = {n for i in REGION for n, _ in lm.layers[i].named_modules()}

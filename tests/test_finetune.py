@@ -9,11 +9,11 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 
 import pytest
 import torch
 
+from vregion.config import FinetuneConfig, Params
 from vregion.data import synthetic
 from vregion.data.dataset import index_records
 from vregion.train.finetune import FinetuneJob, export_tuned, run_finetune
@@ -40,23 +40,37 @@ def vqa(tmp_path_factory, tiny_processor):
     return out
 
 
-def _job(tiny_embedded_dir, vqa, **kw) -> FinetuneJob:
+def _job(tiny_embedded_dir, vqa, steps: int = 12, **config) -> FinetuneJob:
+    """A job of `config` (finetune fields over a fast test setting) on the tiny model."""
     base, _ = tiny_embedded_dir
-    defaults = dict(
-        aligned=str(base),
-        data=[{"source": "synthetic/train/vqa"}],
-        data_dir=str(vqa),
-        layers=[1, 3],
+    settings = dict(
         mode="full",
         projector_lr=1e-3,
         llm_lr=1e-3,
-        steps=12,
+        steps=steps,
         batch_size=4,
         checkpoint_every=4,
         precision="fp32",
     )
-    defaults.update(kw)
-    return FinetuneJob(**defaults)
+    p = Params.model_validate({"finetune": {**settings, **config}})
+    return FinetuneJob.resolve(p, [1, 3], aligned=base, data_dir=vqa)
+
+
+def test_the_job_carries_the_config_whole_and_its_run_name_only_what_trains(tiny_embedded_dir, vqa):
+    job = _job(tiny_embedded_dir, vqa, mode="lora", lora_r=4)
+    assert isinstance(job.config, FinetuneConfig) and job.config.lora_r == 4
+    assert job.seed == job.data_seed == 0  # finetune.seed null: model.seed, as before
+    same = _job(tiny_embedded_dir, vqa, mode="lora", lora_r=4)
+    assert same.run_name() == job.run_name()  # deterministic: a rerun resumes
+    assert FinetuneJob.model_validate_json(job.model_dump_json()).run_name() == job.run_name()
+    # the held-out check and where workers run leave the weights alone: same run ...
+    assert _job(tiny_embedded_dir, vqa, mode="lora", lora_r=4, eval_samples=50).run_name() == (
+        job.run_name()
+    )
+    # ... what trains does not
+    assert _job(tiny_embedded_dir, vqa, mode="lora", lora_r=8).run_name() != job.run_name()
+    seeded = _job(tiny_embedded_dir, vqa, mode="lora", lora_r=4, seed=5)
+    assert (seeded.seed, seeded.data_seed) == (5, 0) and seeded.run_name() != job.run_name()
 
 
 def test_two_workers_learn_and_only_the_region_changes(
@@ -88,7 +102,7 @@ def test_lora_adapter_loads_with_plain_peft(ray_runtime, tiny_embedded_dir, vqa,
     from transformers import AutoModelForImageTextToText
 
     job = _job(
-        tiny_embedded_dir, vqa, mode="lora", lora={"r": 4, "alpha": 8, "dropout": 0.0}, steps=3
+        tiny_embedded_dir, vqa, mode="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0, steps=3
     )
     result = run_finetune(job, name="lora", local_dir=tmp_path / "runs", num_workers=1)
     export_tuned(job, result.checkpoint.path, tmp_path / "tuned")
@@ -111,12 +125,12 @@ def test_killed_run_resumes_from_its_checkpoint(tiny_embedded_dir, vqa, tmp_path
         "import json, sys, tempfile\n"
         "from vregion.distributed import local_ray\n"
         "from vregion.train.finetune import FinetuneJob, run_finetune\n"
-        "job = FinetuneJob(**json.loads(sys.argv[1]))\n"
+        "job = FinetuneJob.model_validate_json(sys.argv[1])\n"
         "with tempfile.TemporaryDirectory(prefix='r', dir='/tmp') as t, local_ray(temp_dir=t, num_cpus=2):\n"
         "    r = run_finetune(job, name='killed', local_dir=sys.argv[2])\n"
         "    print('RESUMED_FROM', r.metrics['resumed_from'], 'STEP', r.metrics['step'])\n"
     )
-    args = [sys.executable, "-c", script, json.dumps(asdict(job)), str(runs)]
+    args = [sys.executable, "-c", script, job.model_dump_json(), str(runs)]
     proc = subprocess.Popen(
         args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -148,7 +162,7 @@ def dies_after_first_checkpoint(config: dict) -> None:
 
     from vregion.train.finetune import finetune_worker
 
-    marker = Path(config["job"]["data_dir"], "train", "died-at-step")
+    marker = Path(config["job"].data_dir, "train", "died-at-step")
     report = ray.train.report
 
     def report_then_die(metrics, checkpoint=None, **kwargs):
@@ -192,10 +206,10 @@ def test_fsdp_shards_the_model_and_matches_ddp(ray_runtime, tiny_embedded_dir, v
     checkpoints, and a resume that restores the name-keyed optimizer state."""
     from transformers import AutoModelForImageTextToText
 
-    lora = {"r": 4, "alpha": 8, "dropout": 0.0}
+    lora = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0)
     tuned, resident = {}, {}
     for parallel in ("ddp", "fsdp"):
-        job = _job(tiny_embedded_dir, vqa, mode="lora", lora=lora, steps=6, parallel=parallel)
+        job = _job(tiny_embedded_dir, vqa, mode="lora", **lora, steps=6, parallel=parallel)
         result = run_finetune(job, name=parallel, local_dir=tmp_path / "runs", num_workers=2)
         assert result.metrics["world_size"] == 2 and result.metrics["step"] == 6
         resident[parallel] = result.metrics["worker_resident_params"]
@@ -216,6 +230,6 @@ def test_fsdp_shards_the_model_and_matches_ddp(ray_runtime, tiny_embedded_dir, v
     for k in before:  # sharded or not, the same gradients and updates (up to float order)
         assert torch.allclose(tuned["fsdp"][k], tuned["ddp"][k], atol=1e-5), k
     # resume the FSDP run for 2 more steps: optimizer state goes back into the sharded model
-    job = _job(tiny_embedded_dir, vqa, mode="lora", lora=lora, steps=8, parallel="fsdp")
+    job = _job(tiny_embedded_dir, vqa, mode="lora", **lora, steps=8, parallel="fsdp")
     result = run_finetune(job, name="fsdp", local_dir=tmp_path / "runs", num_workers=2)
     assert result.metrics["resumed_from"] == 6 and result.metrics["step"] == 8

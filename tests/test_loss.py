@@ -19,7 +19,7 @@ import torch
 from vregion.models.layer_map import ARCHITECTURES, layer_map
 from vregion.models.tiny import FamilyNotInstalledError, tiny_inputs, tiny_lvlm
 from vregion.train.loop import answer_nll, train_steps
-from vregion.train.selective import LoraSettings, make_region_trainable, trainable_groups
+from vregion.train.selective import make_region_trainable, trainable_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 SUPPORTED = [t for t, spec in ARCHITECTURES.items() if spec.refused is None]
@@ -66,7 +66,7 @@ def test_labelled_loss_equals_the_full_logits_loss(model_type):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT: modules_to_save on a nested tower, and so on
         peft = make_region_trainable(
-            model, [1], lora=LoraSettings(r=4, alpha=8, dropout=0.0), train_vision=True
+            model, [1], lora_r=4, lora_alpha=8, lora_dropout=0.0, train_vision=True
         )
     labelled = loss_and_grads(peft.train(), batch, labels, "labelled")
     n = int((labels[:, 1:] != -100).sum())
@@ -89,7 +89,7 @@ def test_labelled_loss_through_ddp_and_fsdp2(tmp_path):
 
     model = tiny_lvlm("llava", num_layers=2)
     batch, labels = batch_of(model)
-    peft = make_region_trainable(model, [1], lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    peft = make_region_trainable(model, [1], lora_r=4, lora_alpha=8, lora_dropout=0.0)
     plain = loss_and_grads(peft.train(), batch, labels, "full")
     _ranks_of_one(tmp_path)
     try:
@@ -108,7 +108,7 @@ def test_train_steps_loss_modes_follow_the_same_curve():
         torch.manual_seed(0)
         model = tiny_lvlm("qwen2_vl", num_layers=2)
         batch, labels = batch_of(model)
-        model = make_region_trainable(model, [0], lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+        model = make_region_trainable(model, [0], lora_r=4, lora_alpha=8, lora_dropout=0.0)
         rows = train_steps(
             model,
             iter([{**batch, "labels": labels}] * 3),

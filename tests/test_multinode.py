@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vregion.config import SourceConfig
+from vregion.config import Params, SourceConfig
 from vregion.data import synthetic
 from vregion.data.dataset import batch_plan
 from vregion.data.sources import ingest_source
@@ -43,7 +43,7 @@ def placed_worker(config: dict) -> None:
 
     ctx = ray.train.get_context()
     row = {"rank": ctx.get_world_rank(), "node": ray.get_runtime_context().get_node_id()}
-    with open(Path(config["job"]["data_dir"]) / "placements.jsonl", "a") as f:
+    with open(Path(config["job"].data_dir) / "placements.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
     finetune_worker(config)
 
@@ -133,22 +133,28 @@ def test_two_nodes_s3_data_and_checkpoints_survive_a_lost_node(
         workers=4,
     )
     base, _ = tiny_embedded_dir
-    job = FinetuneJob(
-        aligned=str(base),
-        data=[{"source": "remote"}],
-        data_dir=str(data),
-        layers=[1, 3],
+    finetune = dict(
+        data=["remote"],
         mode="lora",
-        lora={"r": 4, "alpha": 8, "dropout": 0.0},
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
         projector_lr=1e-3,
         llm_lr=1e-3,
         steps=10,
         batch_size=2,
         checkpoint_every=2,
         precision="fp32",
-        system_prompt=SYSTEM,
-        loader_workers=0,
+        loader={"workers": 0},
     )
+    p = Params.model_validate(
+        {
+            "model": {"system_prompt": SYSTEM},
+            "data": {"sources": {"remote": {"records": records_url, "image_root": root_url}}},
+            "finetune": finetune,
+        }
+    )
+    job = FinetuneJob.resolve(p, [1, 3], aligned=base, data_dir=data)
     nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert len(nodes) == 2
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -192,7 +198,7 @@ def test_two_nodes_s3_data_and_checkpoints_survive_a_lost_node(
         ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
     # 3. A key deleted from the bucket, needed only after the first checkpoint.
-    short = FinetuneJob(**{**job.__dict__, "steps": 4})
+    short = job.model_copy(update={"steps": 4})
     image_key, body = _image_needed_late(short, s3_env, first_checkpoint=2)
     s3 = s3_client(s3_env)
     s3.delete_object(Bucket=s3_env.bucket, Key=image_key)
@@ -216,7 +222,7 @@ def _image_needed_late(job: FinetuneJob, settings, first_checkpoint: int) -> tup
     from vregion.train.finetune import job_dataset
 
     dataset = job_dataset(job, None)
-    plan = batch_plan(dataset.lengths, dataset.has_image, job.batch_size, seed=job.seed)
+    plan = batch_plan(dataset.lengths, dataset.has_image, job.config.batch_size, seed=job.seed)
     early = {dataset.image_ref(int(i)) for b in plan[:first_checkpoint] for i in b}
     late = [dataset.image_ref(int(i)) for b in plan[first_checkpoint : job.steps] for i in b]
     root, rel = next(ref for ref in late if ref is not None and ref not in early)

@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 from transformers.utils import is_torchvision_available
 
-from vregion.config import ModelConfig
+from vregion.config import FinetuneConfig, ModelConfig
 from vregion.models import loading
 from vregion.models.embedded import load_smollm2_tokenizer
 from vregion.models.loading import image_only_class, load_lvlm, load_processor
@@ -208,7 +208,8 @@ def test_checkpoint_dtype_is_kept_unless_model_dtype_says_otherwise(tmp_path, mo
     monkeypatch.setattr(
         loading, "load_lvlm", lambda path, dtype: load_lvlm(path, dtype, with_processor=False)
     )
-    job = dict(aligned=str(tmp_path), data=[], data_dir=str(tmp_path), layers=[1])
+    job = dict(aligned=str(tmp_path), data_dir=str(tmp_path), layers=[1], steps=1, seed=0)
+    job.update(config=FinetuneConfig(), system_prompt="", data_seed=0)
     for dtype, expected in [("auto", torch.bfloat16), ("float32", torch.float32)]:
         model, _ = build_trainable(FinetuneJob(**job, dtype=dtype), torch.device("cpu"))
         assert {p.dtype for p in model.parameters() if not p.requires_grad} == {expected}

@@ -101,7 +101,7 @@ def test_identity_layer_has_zero_influence_and_angle(arch):
 
 def test_single_scorers_match_score_layers(llava):
     batches = [tiny_inputs(llava, seed=3)]
-    together = score_layers(llava, batches, SCORERS[:4])
+    together = score_layers(llava, batches, SCORERS.names()[:4])
     assert block_influence(llava, batches) == pytest.approx(together["block_influence"])
     assert angular_distance(llava, batches) == pytest.approx(together["angular_distance"])
     assert attention_to_image(llava, batches) == pytest.approx(together["attention_to_image"])

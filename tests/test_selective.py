@@ -8,12 +8,10 @@ import warnings
 import pytest
 import torch
 
-from vregion.models.layer_map import ARCHITECTURES, layer_map
+from vregion.models.layer_map import ARCHITECTURES, layer_map, parameter_counts
 from vregion.models.tiny import FamilyNotInstalledError, tiny_inputs, tiny_lvlm
 from vregion.train.selective import (
-    LoraSettings,
     make_region_trainable,
-    parameter_counts,
     region_target_regex,
     trainable_groups,
 )
@@ -54,7 +52,7 @@ def test_lora_region_changes_only_region_layers_and_projector(arch):
     lmap = layer_map(model)
     before = _snapshot(model)
     peft_model = make_region_trainable(
-        model, [1, 3], mode="lora", lora=LoraSettings(r=4, alpha=8, dropout=0.0)
+        model, [1, 3], mode="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0
     )
     # LoRA only on layers 1 and 3 of the LLM; nothing in the vision tower.
     lora_names = [n for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" in n]
@@ -128,7 +126,9 @@ def test_lora_adapter_trains_the_projector_and_reloads_as_merged(
         model = make_region_trainable(
             copy.deepcopy(original),
             [1],
-            lora=LoraSettings(r=4, alpha=8, dropout=0.0),
+            lora_r=4,
+            lora_alpha=8,
+            lora_dropout=0.0,
             train_vision=train_vision,
         )
     groups = {g["name"]: {id(p) for p in g["params"]} for g in trainable_groups(model, 1e-2, 1e-2)}

@@ -145,7 +145,9 @@ def run_params(args: argparse.Namespace) -> int:
     from vregion.config import Params, load_params
 
     if args.check:
-        load_params(args.check)
+        from vregion.region.registry import check_params
+
+        check_params(load_params(args.check))  # also the scorer and strategy names
         print(f"{args.check}: valid")
         return 0
     fields = field_docs(Params)

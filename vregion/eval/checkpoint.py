@@ -20,9 +20,10 @@ from vregion.data.encode import prompt_batch
 from vregion.data.imageset import ImageSet
 from vregion.data.text_skill import read_text_set
 from vregion.devices import peak_memory_mb, pick_device, resolve_precision
-from vregion.eval.speed import generation_speed, parameter_count, size_on_disk
+from vregion.eval.speed import generation_speed, size_on_disk
 from vregion.eval.text_skill import score_text_skill
 from vregion.eval.visual import open_answer_accuracy, visual_accuracy
+from vregion.models.layer_map import parameter_counts
 
 
 @dataclass
@@ -58,7 +59,7 @@ def evaluate_checkpoint(job: EvalJob) -> dict:
     out: dict = {
         "checkpoint": job.checkpoint,
         "num_layers": layer_map(model).num_layers,
-        "parameters": parameter_count(model),
+        "parameters": parameter_counts(model)["total_params"],
         "size_mb": round(size_on_disk(job.checkpoint) / 2**20, 2),
         "precision": precision,
     }

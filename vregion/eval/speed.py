@@ -99,11 +99,6 @@ def generation_speed(
     }
 
 
-def parameter_count(model) -> int:
-    """Parameters, tied weights counted once."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
 def size_on_disk(path: str | Path) -> int:
     """Bytes of the weight files of a checkpoint directory (safetensors or bin)."""
     path = Path(path)

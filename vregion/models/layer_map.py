@@ -448,3 +448,21 @@ def families_table() -> str:
             f"| {spec.family} | `{model_type}` | {status} | " + " | ".join(cells) + f" | {notes} |"
         )
     return "\n".join(lines)
+
+
+def parameter_counts(model: nn.Module) -> dict[str, float]:
+    """Trainable and total parameters (a tied tensor once) and the trainable share in %.
+
+    The one counter of the library: PEFT's own count for a PeftModel (it also knows quantised
+    and DeepSpeed-partitioned parameters), the same sum for any other model.
+    """
+    if hasattr(model, "get_nb_trainable_parameters"):
+        trainable, total = model.get_nb_trainable_parameters()
+    else:  # `parameters()` yields a tied tensor once
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": round(100 * trainable / total, 3),
+    }

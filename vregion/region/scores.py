@@ -17,6 +17,7 @@ image-token mask (`input_ids == image_token_id`), never from fixed offsets.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -27,14 +28,18 @@ from torch import nn
 
 from vregion.models.layer_map import LayerMap, layer_index, layer_map, llm_layer_names
 from vregion.progress import track
+from vregion.region.registry import SCORERS, scorer
 from vregion.train.loop import answer_nll
+
+__all__ = ["SCORERS", "score_layers", "scorer"]
 
 Batch = Mapping[str, object]
 """Keyword arguments for `model(**batch)`; may include `labels` (dropped where not needed)."""
 
 HIDDEN_STATE_SCORERS = ("block_influence", "multimodal_block_influence", "angular_distance")
-SCORERS = (*HIDDEN_STATE_SCORERS, "attention_to_image", "parameter_change", "layer_ablation")
-"""Names `score_layers` accepts. Some add companion keys to its result (see `score_layers`)."""
+_ONE_PASS = (*HIDDEN_STATE_SCORERS, "attention_to_image")
+"""Built-in scorers that `score_layers` computes together in one hooked pass. Every scorer,
+these too, is registered with `@scorer` (`SCORERS` lists the names)."""
 
 
 # --- reading hook arguments --------------------------------------------------------------
@@ -312,12 +317,14 @@ def _probe_pass(
 # --- public scorers -----------------------------------------------------------------------
 
 
+@scorer("block_influence")
 def block_influence(model: nn.Module, batches: Iterable[Batch]) -> list[float]:
     """ShortGPT's Block Influence per layer: 1 − mean over real tokens of cos(h_in, h_out)."""
     tallies = _probe_pass(model, batches, hidden=True, attention=False, multimodal=False)
     return tallies.influence.means("tokens")
 
 
+@scorer("angular_distance")
 def angular_distance(model: nn.Module, batches: Iterable[Batch]) -> list[float]:
     """Mean over real tokens of arccos(cos(h_in, h_out)) / π per layer, in [0, 1]."""
     tallies = _probe_pass(model, batches, hidden=True, attention=False, multimodal=False)
@@ -334,6 +341,7 @@ def _multimodal_results(tallies: _ProbeTallies) -> dict[str, list[float]]:
     }
 
 
+@scorer("multimodal_block_influence")
 def multimodal_block_influence(
     model: nn.Module, batches: Iterable[Batch]
 ) -> dict[str, list[float]]:
@@ -346,6 +354,7 @@ def multimodal_block_influence(
     return _multimodal_results(tallies)
 
 
+@scorer("attention_to_image")
 def attention_to_image(model: nn.Module, batches: Iterable[Batch]) -> list[float]:
     """Per layer, the share of text tokens' attention mass that lands on image tokens.
 
@@ -377,6 +386,7 @@ def _answer_loss(model: nn.Module, batches: Sequence[Batch]) -> float:
     return total / count
 
 
+@scorer("layer_ablation")
 def layer_ablation(model: nn.Module, batches: Iterable[Batch]) -> list[float]:
     """Per layer, the increase in answer loss when that layer alone is skipped (identity).
 
@@ -485,6 +495,16 @@ def parameter_change(model_a: nn.Module, model_b: nn.Module) -> dict[str, list[f
     }
 
 
+@scorer("parameter_change")
+def _parameter_change_scorer(
+    model: nn.Module, batches: Iterable[Batch], reference_model: nn.Module | None
+) -> dict[str, list[float]]:
+    """`parameter_change` as a scorer: `model` (tuned) against `reference_model` (base)."""
+    if reference_model is None:
+        raise ValueError("parameter_change needs reference_model (the weights before tuning)")
+    return parameter_change(reference_model, model)
+
+
 # --- everything at once -------------------------------------------------------------------
 
 
@@ -494,18 +514,22 @@ def score_layers(
     scorers: Sequence[str],
     reference_model: nn.Module | None = None,
 ) -> dict[str, list[float]]:
-    """Run the named scorers (see `SCORERS`) with as few passes over `batches` as possible.
+    """Run the named scorers (any name in `SCORERS`) with as few passes over `batches` as possible.
 
-    The hidden-state scorers and `attention_to_image` share one hooked pass; `layer_ablation`
-    takes 1 + num_layers passes; `parameter_change` compares `model` (tuned) with
-    `reference_model` (base) and reads no batches. Besides one key per scorer, the result holds
+    The hidden-state scorers and `attention_to_image` share one hooked pass; every other scorer
+    runs on its own: `layer_ablation` takes 1 + num_layers passes; `parameter_change` compares
+    `model` (tuned) with `reference_model` (base) and reads no batches; a scorer registered
+    elsewhere gets `(model, batches)`, plus `reference_model` if it has that parameter.
+    Besides one key per scorer, the result holds
     `block_influence_image` / `block_influence_text` with `multimodal_block_influence` and
     `parameter_change_l2` / `parameter_change_angular` with `parameter_change`.
     """
     unknown = [s for s in scorers if s not in SCORERS]
     if unknown:
-        raise ValueError(f"unknown scorer(s) {unknown}; valid scorers: {', '.join(SCORERS)}")
-    if "parameter_change" in scorers and reference_model is None:
+        raise ValueError(
+            f"unknown scorer(s) {unknown}; valid scorers: {', '.join(SCORERS.names())}"
+        )
+    if "parameter_change" in scorers and reference_model is None:  # before the long passes
         raise ValueError("parameter_change needs reference_model (the weights before tuning)")
     wanted = set(scorers)
     batches = list(batches)  # several passes may read them
@@ -526,8 +550,11 @@ def score_layers(
             results["angular_distance"] = tallies.angular.means("tokens")
         if attention:
             results["attention_to_image"] = tallies.attention_image.means("text tokens")
-    if "parameter_change" in wanted:
-        results.update(parameter_change(reference_model, model))
-    if "layer_ablation" in wanted:
-        results["layer_ablation"] = layer_ablation(model, batches)
+    for name in dict.fromkeys(scorers):  # every other scorer on its own, in the order asked
+        if name in _ONE_PASS:
+            continue
+        fn = SCORERS.get(name)
+        takes_reference = "reference_model" in inspect.signature(fn).parameters
+        out = fn(model, batches, reference_model) if takes_reference else fn(model, batches)
+        results.update(out if isinstance(out, dict) else {name: list(out)})
     return results

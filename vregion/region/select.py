@@ -9,6 +9,7 @@ chosen (a `RegionChoice`, written to `reports/region.json` by the probe stage).
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import numbers
@@ -17,19 +18,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-TOPK_PREFIX = "topk:"
-STRATEGIES = (
-    "uniform",
-    "bottom",
-    "top",
-    "middle",
-    "bottom+top",
-    "random",
-    "list",
-    "all",
-    f"{TOPK_PREFIX}<scorer>",
-)
-"""Valid strategy names; `topk:<scorer>` names a key of the `scores` dict, e.g. `topk:block_influence`."""
+from vregion.config import ConfigError
+from vregion.region.registry import STRATEGIES, TOPK_PREFIX, strategy
+
+__all__ = ["STRATEGIES", "TOPK_PREFIX", "choose_region", "select_layers", "strategy"]
+# STRATEGIES: the registered names (`@strategy`) plus `topk:<scorer>`, which ranks by a key of
+# the `scores` dict, e.g. `topk:block_influence`.
 
 AUTHORS_32_LAYER_REGION = (1, 5, 9, 13, 19, 23, 27, 31)
 """The authors' default region for 32-layer LLMs (as reported; 0-based indexing assumed).
@@ -67,6 +61,7 @@ def layer_count(num_layers: int, size: Size) -> int:
     return int(size)
 
 
+@strategy("uniform")
 def uniform_layers(num_layers: int, count: int) -> list[int]:
     """`count` layers spread evenly over depth: the middle layer of each of `count` equal bins.
 
@@ -88,33 +83,39 @@ def uniform_layers(num_layers: int, count: int) -> list[int]:
     return [(2 * k + 1) * num_layers // (2 * count) for k in range(count)]
 
 
+@strategy("bottom")
 def bottom_layers(num_layers: int, count: int) -> list[int]:
     """The first `count` layers (closest to the embeddings)."""
     return list(range(count))
 
 
+@strategy("top")
 def top_layers(num_layers: int, count: int) -> list[int]:
     """The last `count` layers (closest to the LM head)."""
     return list(range(num_layers - count, num_layers))
 
 
+@strategy("middle")
 def middle_layers(num_layers: int, count: int) -> list[int]:
     """A contiguous block of `count` layers centred at depth (L−1)/2 (lower when it cannot be)."""
     start = (num_layers - count) // 2
     return list(range(start, start + count))
 
 
+@strategy("bottom+top")
 def bottom_and_top_layers(num_layers: int, count: int) -> list[int]:
     """ceil(count/2) layers from the bottom and floor(count/2) from the top."""
     from_top = count // 2
     return bottom_layers(num_layers, count - from_top) + top_layers(num_layers, from_top)
 
 
+@strategy("random")
 def random_layers(num_layers: int, count: int, seed: int) -> list[int]:
     """`count` distinct layers drawn uniformly at random; the same seed gives the same layers."""
     return sorted(random.Random(seed).sample(range(num_layers), count))
 
 
+@strategy("list")
 def listed_layers(num_layers: int, layers: Sequence[int] | None) -> list[int]:
     """Explicit layers, checked: integers, in range, no repeats. Returned sorted."""
     if not layers:
@@ -132,6 +133,12 @@ def listed_layers(num_layers: int, layers: Sequence[int] | None) -> list[int]:
         repeated = sorted({i for i in layers if list(layers).count(i) > 1})
         raise ValueError(f"layers repeated in the list: {repeated}")
     return sorted(int(i) for i in layers)
+
+
+@strategy("all")
+def all_layers(num_layers: int) -> list[int]:
+    """Every layer (the all-layer baseline)."""
+    return list(range(num_layers))
 
 
 def top_scored_layers(
@@ -161,13 +168,6 @@ def top_scored_layers(
     return sorted(ranked[:count])
 
 
-def _check_strategy(strategy: str) -> None:
-    fixed = [s for s in STRATEGIES if not s.startswith(TOPK_PREFIX)]
-    if strategy in fixed or (strategy.startswith(TOPK_PREFIX) and len(strategy) > len(TOPK_PREFIX)):
-        return
-    raise ValueError(f"unknown strategy {strategy!r}; valid strategies: {', '.join(STRATEGIES)}")
-
-
 def select_layers(
     num_layers: int,
     strategy: str,
@@ -182,9 +182,9 @@ def select_layers(
 
     Args:
         num_layers: how many decoder layers the LLM has.
-        strategy: one of `STRATEGIES`: `uniform` (see `uniform_layers`), `bottom`, `top`,
-            `middle`, `bottom+top`, `random` (seeded), `list` (the given `layers`), `all`, or
-            `topk:<scorer>` (ranked by `scores[<scorer>]`).
+        strategy: a name in `STRATEGIES`: `uniform` (see `uniform_layers`), `bottom`, `top`,
+            `middle`, `bottom+top`, `random` (seeded), `list` (the given `layers`), `all`, any
+            `@strategy` registered elsewhere, or `topk:<scorer>` (ranked by `scores[<scorer>]`).
         size: a fraction in (0, 1] of `num_layers` or a layer count (see `layer_count`). May be
             None for `list` and `all`; if given there, it must agree with what they select.
         scores: per-layer scores by scorer name (`score_layers`' result), for `topk:`.
@@ -194,11 +194,23 @@ def select_layers(
     """
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
         raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
-    _check_strategy(strategy)
-    if strategy in ("list", "all"):
-        chosen = (
-            listed_layers(num_layers, layers) if strategy == "list" else list(range(num_layers))
+    if strategy.startswith(TOPK_PREFIX) and len(strategy) > len(TOPK_PREFIX):
+        fn, scorer = top_scored_layers, strategy[len(TOPK_PREFIX) :]
+    elif strategy in STRATEGIES:
+        fn, scorer = STRATEGIES.get(strategy), None
+    else:
+        raise ValueError(
+            f"unknown strategy {strategy!r}; valid strategies: "
+            f"{', '.join([*STRATEGIES.names(), f'{TOPK_PREFIX}<scorer>'])}"
         )
+    # A strategy takes the `region.*` settings it names as keyword parameters.
+    wanted = inspect.signature(fn).parameters
+    options = {"seed": seed, "scores": scores, "most_important": most_important, "layers": layers}
+    kwargs = {k: v for k, v in options.items() if k in wanted}
+    if scorer is not None:
+        kwargs["scorer"] = scorer
+    if "count" not in wanted:  # the strategy fixes the layers itself (`list`, `all`)
+        chosen = _checked(fn(num_layers, **kwargs), num_layers, strategy)
         if size is not None and layer_count(num_layers, size) != len(chosen):
             raise ValueError(
                 f"size {size!r} means {layer_count(num_layers, size)} of {num_layers} layers but "
@@ -208,19 +220,18 @@ def select_layers(
     if size is None:
         raise ValueError(f"strategy {strategy!r} needs a size (fraction or layer count)")
     count = layer_count(num_layers, size)
-    if strategy.startswith(TOPK_PREFIX):
-        scorer = strategy[len(TOPK_PREFIX) :]
-        return top_scored_layers(num_layers, count, scorer, scores, most_important)
-    if strategy == "random":
-        return random_layers(num_layers, count, seed)
-    pick = {
-        "uniform": uniform_layers,
-        "bottom": bottom_layers,
-        "top": top_layers,
-        "middle": middle_layers,
-        "bottom+top": bottom_and_top_layers,
-    }[strategy]
-    return pick(num_layers, count)
+    return _checked(fn(num_layers, count, **kwargs), num_layers, strategy)
+
+
+def _checked(chosen: Sequence[int], num_layers: int, strategy: str) -> list[int]:
+    """A strategy's choice sorted; a registered strategy that returns repeats or indices out of
+    range is a bug in it, named here rather than found later in training."""
+    chosen = sorted(int(i) for i in chosen)
+    if len(set(chosen)) != len(chosen) or not all(0 <= i < num_layers for i in chosen):
+        raise ValueError(
+            f"strategy {strategy!r} returned {chosen}: not distinct layers of 0..{num_layers - 1}"
+        )
+    return chosen
 
 
 @dataclass(frozen=True)
@@ -258,7 +269,7 @@ def _rule(
     if strategy.startswith(TOPK_PREFIX):
         which = "highest" if most_important else "lowest"
         return f"The {n} of {num_layers} layers with the {which} {strategy[len(TOPK_PREFIX) :]} scores."
-    return {
+    rules = {
         "uniform": f"{n} of {num_layers} layers spread evenly over depth: the centre of each of "
         f"{n} equal bins, floor((k + 1/2) * {num_layers} / {n}) for k = 0..{n - 1}.",
         "bottom": f"The bottom {n} of {num_layers} layers.",
@@ -268,7 +279,9 @@ def _rule(
         "random": f"{n} of {num_layers} layers drawn at random with seed {seed}.",
         "list": f"An explicit list of {n} of {num_layers} layers.",
         "all": f"All {num_layers} layers.",
-    }[strategy]
+    }
+    doc = (inspect.getdoc(STRATEGIES.get(strategy)) or "").split("\n")[0]
+    return rules.get(strategy) or f"{n} of {num_layers} layers by strategy {strategy!r}: {doc}"
 
 
 def choose_region(
@@ -303,9 +316,6 @@ def choose_region(
 
 def region_layers(path: str | Path) -> list[int]:
     """The region's layers from a `reports/region.json` the region stage wrote."""
-    # Here, not at the top: config's defaults are validated against this module's STRATEGIES.
-    from vregion.config import ConfigError
-
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no region yet; run `dvc repro region` first")
     layers = json.loads(Path(path).read_text()).get("layers")

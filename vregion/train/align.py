@@ -16,7 +16,7 @@ import torch
 from vregion.config import AlignConfig
 from vregion.data.dataset import RecordDataset, total_steps, training_loader
 from vregion.data.imageset import ImageSet
-from vregion.models.layer_map import layer_map, vision_parameters
+from vregion.models.layer_map import layer_map, parameter_counts, vision_parameters
 from vregion.train.loop import deranged, mean_answer_loss, train_steps
 
 log = logging.getLogger(__name__)
@@ -36,9 +36,8 @@ def freeze_for_alignment(model, train_vision: bool) -> dict[str, int]:
     lmap.projector.requires_grad_(True)
     if train_vision:
         lmap.vision_tower.requires_grad_(True)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return {"trainable_params": trainable, "total_params": total}
+    counts = parameter_counts(model)
+    return {k: counts[k] for k in ("trainable_params", "total_params")}
 
 
 def train_alignment(

@@ -14,73 +14,93 @@ import hashlib
 import json
 import statistics
 import tempfile
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict
 
-from vregion.config import DataMix
-from vregion.data.dataset import RecordDataset, resolve_mix, training_loader
+from vregion.config import FinetuneConfig, Params
+from vregion.data.dataset import RecordDataset, resolve_mix, total_steps, training_loader
 from vregion.devices import peak_memory_mb, pick_device, resolve_precision
+from vregion.models.layer_map import parameter_counts
 from vregion.progress import log_every
 from vregion.train.loop import train_steps
-from vregion.train.selective import (
-    LoraSettings,
-    make_region_trainable,
-    parameter_counts,
-    trainable_groups,
-)
+from vregion.train.selective import make_region_trainable, trainable_groups
 
 STATE_FILE = "trainable.pt"
 
+RUN_NAME_IGNORES = frozenset(
+    {"eval_data", "eval_samples", "eval_batch_size", "num_workers", "placement", "max_failures"}
+    | {"use_gpu", "epochs"}
+)
+"""`FinetuneConfig` fields that leave the trained weights alone (the held-out check, where the
+workers run; `epochs` is resolved into `FinetuneJob.steps`): changing them keeps the run name,
+so an interrupted run still resumes."""
 
-@dataclass
-class FinetuneJob:
-    """Everything a worker needs, picklable (paths, not objects)."""
 
+class FinetuneJob(BaseModel):
+    """The stage's `FinetuneConfig`, whole, plus what only the run resolves; picklable (Ray
+    ships it to the workers) and JSON-able (`job.json` in every checkpoint)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    config: FinetuneConfig
+    """`finetune` of params.yaml as validated; `steps`/`epochs` there are resolved into `steps`."""
     aligned: str
-    """Aligned checkpoint directory."""
-    data: list[dict]
-    """The training mix (`DataMix` fields per entry), resolved in each worker."""
+    """Aligned checkpoint directory (absolute: workers run elsewhere)."""
     data_dir: str
-    """Where `prepare` and `ingest` wrote the validated records (absolute: workers run elsewhere)."""
+    """Where `prepare` and `ingest` wrote the validated records (absolute)."""
     layers: list[int]
-    """The region: LLM layers to train."""
-    mode: str = "lora"
-    lora: dict = field(default_factory=lambda: asdict(LoraSettings()))
-    projector_lr: float = 2e-5
-    llm_lr: float = 2e-4
-    steps: int = 100
-    batch_size: int = 8
-    grad_accum: int = 1
-    warmup_ratio: float = 0.03
-    gradient_checkpointing: bool = False
-    precision: str = "auto"
-    dtype: str = "auto"
+    """The region: LLM layers to train (reports/region.json)."""
+    steps: int
+    """Optimizer steps to run: `config.steps`, or `config.epochs` over the mix's records."""
+    dtype: str
     """Master weights' dtype (`model.dtype`); auto: the aligned checkpoint's."""
-    system_prompt: str = "Answer briefly."
-    seed: int = 0
-    checkpoint_every: int = 25
-    train_vision: bool = False
-    parallel: str = "ddp"
-    """How several workers share the model: `ddp` (a full copy each) or `fsdp` (sharded)."""
-    loader_workers: int | str = "auto"
-    prefetch_factor: int = 2
-    group_by_length: bool = False
+    system_prompt: str
+    """`model.system_prompt`."""
+    seed: int
+    """Training seed: LoRA initialisation, dropout, batch order (`finetune.seed`, or `model.seed`
+    when that is null)."""
+    data_seed: int
+    """Which records the data mix takes (`model.seed`, as in every other stage)."""
 
+    @classmethod
+    def resolve(
+        cls, p: Params, layers: list[int], *, aligned: str | Path, data_dir: str | Path
+    ) -> FinetuneJob:
+        """The job `p` describes for this region, with absolute paths and the step count."""
+        f = p.finetune
+        data_dir = str(Path(data_dir).resolve())  # Ray workers do not share our working dir
+        records = sum(len(part.rows) for part in resolve_mix(f.data, p.model.seed, data_dir))
+        return cls(
+            config=f,
+            aligned=str(Path(aligned).resolve()),
+            data_dir=data_dir,
+            layers=list(layers),
+            steps=total_steps(
+                f.steps, f.epochs, records, f.batch_size, f.num_workers, f.grad_accum
+            ),
+            dtype=p.model.dtype,
+            system_prompt=p.model.system_prompt,
+            seed=p.model.seed if f.seed is None else f.seed,
+            data_seed=p.model.seed,
+        )
 
-def run_name(job: FinetuneJob) -> str:
-    """Same job, same name: a rerun after an interruption finds and resumes its checkpoints."""
-    settings = {k: v for k, v in asdict(job).items() if k not in ("aligned", "data_dir")}
-    # A new aligned model or new records (a rerun of prepare/ingest): a new run.
-    files = [Path(job.aligned, "model.safetensors")]
-    files += [
-        Path(part.records)
-        for part in resolve_mix([DataMix(**d) for d in job.data], job.seed, job.data_dir)
-    ]
-    stamps = [f.stat().st_mtime_ns if f.is_file() else 0 for f in files]
-    digest = hashlib.sha1(json.dumps([settings, stamps], sort_keys=True).encode()).hexdigest()
-    return f"finetune-{digest[:12]}"
+    def run_name(self) -> str:
+        """Same settings, same name: a rerun after an interruption finds and resumes its
+        checkpoints. A new aligned model or new records (a rerun of prepare/ingest): a new run."""
+        settings = self.model_dump(
+            mode="json", exclude={"aligned": True, "data_dir": True, "config": RUN_NAME_IGNORES}
+        )
+        files = [Path(self.aligned, "model.safetensors")]
+        files += [Path(part.records) for part in self.parts()]
+        stamps = [f.stat().st_mtime_ns if f.is_file() else 0 for f in files]
+        digest = hashlib.sha1(json.dumps([settings, stamps], sort_keys=True).encode()).hexdigest()
+        return f"finetune-{digest[:12]}"
+
+    def parts(self):
+        """The training mix resolved to record files and rows (`vregion.data.dataset.Part`s)."""
+        return resolve_mix(self.config.data, self.data_seed, self.data_dir)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -92,39 +112,42 @@ def build_trainable(job: FinetuneJob, device: torch.device):
     """The aligned model with only the region trainable (a PeftModel in LoRA mode)."""
     from vregion.models.loading import load_lvlm
 
+    c = job.config
     model, processor = load_lvlm(job.aligned, dtype=job.dtype)
-    if job.gradient_checkpointing:
+    if c.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
     model = make_region_trainable(
         model,
         job.layers,
-        mode=job.mode,
-        lora=LoraSettings(**job.lora),
-        train_vision=job.train_vision,
+        mode=c.mode,
+        lora_r=c.lora_r,
+        lora_alpha=c.lora_alpha,
+        lora_dropout=c.lora_dropout,
+        train_vision=c.train_vision,
     )
     return model.to(device), processor
 
 
 def job_dataset(job: FinetuneJob, processor) -> RecordDataset:
     """The job's data mix as a streaming dataset (records read by offset, images per batch)."""
-    mix = [DataMix(**entry) for entry in job.data]
-    return RecordDataset(resolve_mix(mix, job.seed, job.data_dir), processor, job.system_prompt)
+    return RecordDataset(job.parts(), processor, job.system_prompt)
 
 
 def worker_batches(job: FinetuneJob, processor, device, rank: int, world: int, start_step: int):
     """This rank's batches: disjoint shards of each step's global batch, from `start_step` on."""
+    c = job.config
     return training_loader(
         job_dataset(job, processor),
-        job.batch_size,
+        c.batch_size,
         device=device,
         rank=rank,
         world=world,
         seed=job.seed,
-        start_batch=start_step * job.grad_accum,
-        workers=job.loader_workers,
-        prefetch_factor=job.prefetch_factor,
-        group_by_length=job.group_by_length,
+        start_batch=start_step * c.grad_accum,
+        workers=c.loader.workers,
+        prefetch_factor=c.loader.prefetch_factor,
+        group_by_length=c.loader.group_by_length,
     )
 
 
@@ -133,7 +156,8 @@ def finetune_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    job = FinetuneJob(**config["job"])
+    job: FinetuneJob = config["job"]
+    c = job.config
     if config.get("threads"):  # Ray pins OMP threads to 1 per worker unless told otherwise
         torch.set_num_threads(config["threads"])
     ctx = ray.train.get_context()
@@ -162,7 +186,7 @@ def finetune_worker(config: dict) -> None:
             {"optimizer": saved["optimizer"], "scheduler": saved["scheduler"]},
         )
         curve.extend(saved["curve"])
-    sharded = world > 1 and job.parallel == "fsdp"
+    sharded = world > 1 and c.parallel == "fsdp"
     trained, load_optimizer = model, None
     if sharded:  # sharding replaces the parameters: the optimizer groups come after it
         from vregion.train import sharding
@@ -173,15 +197,15 @@ def finetune_worker(config: dict) -> None:
         trained = ray.train.torch.prepare_model(
             model, parallel_strategy_kwargs={"find_unused_parameters": True}
         )
-    groups = trainable_groups(model, projector_lr=job.projector_lr, llm_lr=job.llm_lr)
+    groups = trainable_groups(model, projector_lr=c.projector_lr, llm_lr=c.llm_lr)
     from vregion.train.sharding import resident_params
 
     counts["worker_resident_params"] = resident_params(model)
-    precision = resolve_precision(job.precision, device)
+    precision = resolve_precision(c.precision, device)
 
     def on_step(row: dict, optimizer, scheduler) -> None:
         curve.append(row)
-        if row["step"] % job.checkpoint_every and row["step"] != job.steps:
+        if row["step"] % c.checkpoint_every and row["step"] != job.steps:
             # No report between checkpoints: each one is a barrier across workers (~0.4 s on a
             # busy 2-core CPU). The loss curve travels with the checkpoints instead.
             return
@@ -209,7 +233,7 @@ def finetune_worker(config: dict) -> None:
                     },
                     Path(d) / STATE_FILE,
                 )
-                (Path(d) / "job.json").write_text(json.dumps(asdict(job)))
+                (Path(d) / "job.json").write_text(job.model_dump_json())
             ray.train.report(
                 metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None
             )
@@ -219,10 +243,10 @@ def finetune_worker(config: dict) -> None:
         worker_batches(job, processor, device, rank, world, start_step),
         groups,
         steps=job.steps,
-        warmup_ratio=job.warmup_ratio,
+        warmup_ratio=c.warmup_ratio,
         precision=precision,
         device=device,
-        grad_accum=job.grad_accum,
+        grad_accum=c.grad_accum,
         desc=f"finetune (worker {rank})",
         on_step=on_step,
         start_step=start_step,
@@ -236,17 +260,18 @@ def run_finetune(
     *,
     name: str,
     local_dir: str | Path,
-    num_workers: int = 1,
-    use_gpu: bool = False,
+    num_workers: int | None = None,
+    use_gpu: bool | None = None,
     train_fn=finetune_worker,
     cpus_per_worker: int | None = None,
-    placement_strategy: str = "PACK",
-    max_failures: int = 2,
+    placement_strategy: str | None = None,
+    max_failures: int | None = None,
     progress=None,
 ):
     """Run `train_fn` (the finetune loop) on a TorchTrainer; returns the Ray `Result`.
 
-    Reusing `name` with the same storage resumes that run from its latest checkpoint. On CPU
+    `num_workers`, `use_gpu`, `placement_strategy` and `max_failures` default to the job's
+    config (`num_workers`, `use_gpu` with `auto` resolved, `placement`, `max_failures`). Reusing `name` with the same storage resumes that run from its latest checkpoint. On CPU
     each worker gets `cpus_per_worker` cores (default: the Ray cluster's CPUs split evenly).
     `placement_strategy="SPREAD"` puts the workers on different nodes where it can. A worker
     group that fails (a worker or its node lost) restarts from the latest checkpoint up to
@@ -259,6 +284,11 @@ def run_finetune(
 
     from vregion.distributed import run_config
 
+    c = job.config
+    num_workers = num_workers or c.num_workers
+    use_gpu = resolve_use_gpu(c.use_gpu) if use_gpu is None else use_gpu
+    placement_strategy = placement_strategy or c.placement
+    max_failures = c.max_failures if max_failures is None else max_failures
     resources, threads = None, None
     if not use_gpu:
         cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
@@ -267,7 +297,7 @@ def run_finetune(
     trainer = TorchTrainer(
         train_fn,
         train_loop_config={
-            "job": asdict(job),
+            "job": job,
             "threads": threads,
             "progress": progress,
             "log_every": log_every(),
@@ -283,6 +313,13 @@ def run_finetune(
     return trainer.fit()
 
 
+def resolve_use_gpu(setting: str | bool) -> bool:
+    """`finetune.use_gpu`: `auto` means when this machine has CUDA."""
+    from vregion.devices import gpu_available
+
+    return gpu_available() if setting == "auto" else bool(setting)
+
+
 def export_tuned(job: FinetuneJob, checkpoint_dir: str | Path, out_dir: str | Path) -> dict:
     """Final weights → `out_dir/adapter` (PEFT, LoRA mode) and `out_dir/merged` (plain HF)."""
     from vregion.models.base import save_checkpoint
@@ -294,12 +331,12 @@ def export_tuned(job: FinetuneJob, checkpoint_dir: str | Path, out_dir: str | Pa
         raise ValueError(f"checkpoint weights not in the model: {sorted(missing)[:3]}")
     model.load_state_dict(saved["weights"], strict=False)
     out_dir = Path(out_dir)
-    if job.mode == "lora":
+    if job.config.mode == "lora":
         model.save_pretrained(out_dir / "adapter")
         model = model.merge_and_unload()
     model.requires_grad_(False)
     save_checkpoint(model, processor, out_dir / "merged")
-    return {"step": saved["step"], "adapter": job.mode == "lora", "curve": saved["curve"]}
+    return {"step": saved["step"], "adapter": job.config.mode == "lora", "curve": saved["curve"]}
 
 
 def train_metrics(
@@ -307,6 +344,7 @@ def train_metrics(
 ) -> dict:
     """metrics/train.json: the run's speed, memory, parameter counts and loss, from the final
     Ray result's metrics and the whole loss curve."""
+    c = job.config
     steps = [row["seconds"] for row in curve[1:]] or [row["seconds"] for row in curve]
     per_step = statistics.median(steps)  # the first step pays for warm-up
     world = result_metrics["world_size"]
@@ -314,19 +352,19 @@ def train_metrics(
     return {
         "region": job.layers,
         "region_size": len(job.layers),
-        "data": [d["source"] for d in job.data],
+        "data": [d.source for d in c.data],
         "train_records": records,
-        "epochs": round(len(curve) * job.batch_size * job.grad_accum * world / records, 3),
-        "mode": job.mode,
-        "parallel": job.parallel if world > 1 else "none",
+        "epochs": round(len(curve) * c.batch_size * c.grad_accum * world / records, 3),
+        "mode": c.mode,
+        "parallel": c.parallel if world > 1 else "none",
         "steps": len(curve),
         "world_size": world,
         "use_gpu": use_gpu,
         "precision": resolve_precision(
-            job.precision, pick_device() if use_gpu else torch.device("cpu")
+            c.precision, pick_device() if use_gpu else torch.device("cpu")
         ),
         "seconds_per_step": round(per_step, 4),
-        "samples_per_second": round(job.batch_size * job.grad_accum * world / per_step, 3),
+        "samples_per_second": round(c.batch_size * c.grad_accum * world / per_step, 3),
         "train_seconds": round(sum(row["seconds"] for row in curve), 1),
         "peak_memory_mb": result_metrics["peak_memory_mb"],
         "trainable_params": result_metrics["trainable_params"],

@@ -18,7 +18,7 @@ from vregion.data.dataset import RecordDataset, resolve_mix, training_loader
 from vregion.devices import resolve_precision
 from vregion.models.layer_map import layer_map
 from vregion.train.loop import train_steps
-from vregion.train.selective import LoraSettings, make_region_trainable, trainable_groups
+from vregion.train.selective import make_region_trainable, trainable_groups
 
 
 def lora_tune(
@@ -26,7 +26,7 @@ def lora_tune(
     layers: Sequence[int],
     data: RecordDataset,
     *,
-    lora: LoraSettings,
+    lora: dict,
     batch_size: int,
     seed: int,
     workers: int | str,
@@ -39,8 +39,9 @@ def lora_tune(
     desc: str,
 ) -> tuple[nn.Module, list[dict]]:
     """LoRA on `layers` (and the projector) of `model` itself, trained `steps` steps on `data`,
-    merged back: (the merged model in eval mode, the loss curve). Deep-copy first to keep one."""
-    model = make_region_trainable(model, layers, mode="lora", lora=lora)
+    merged back: (the merged model in eval mode, the loss curve). Deep-copy first to keep one.
+    `lora`: `make_region_trainable`'s lora_r, lora_alpha and lora_dropout."""
+    model = make_region_trainable(model, layers, mode="lora", **lora)
     # The loader after the adapter: LoRA's initialisation draws from torch's global generator.
     batches = training_loader(data, batch_size, device=device, seed=seed, workers=workers)
     groups = trainable_groups(model, projector_lr=projector_lr, llm_lr=llm_lr)
@@ -60,7 +61,7 @@ def lora_tune(
 def probe_tune(model, processor, data: RecordDataset, p: Params, device, precision):
     """A short all-layer LoRA tuning on a copy; returns the merged tuned model and its curve."""
     lmap = layer_map(model)
-    lora = LoraSettings(r=p.probe.lora_r, alpha=2 * p.probe.lora_r, dropout=0.05)
+    lora = dict(lora_r=p.probe.lora_r, lora_alpha=2 * p.probe.lora_r, lora_dropout=0.05)
     return lora_tune(
         copy.deepcopy(model),
         range(lmap.num_layers),
@@ -83,7 +84,7 @@ def heal(model, processor, region_after: list[int], p: Params, device, data_dir:
     """A short LoRA pass on the pruned model's region (and projector), merged back; trains on
     the finetune data mix under `data_dir`."""
     f = p.finetune
-    lora = LoraSettings(r=f.lora_r, alpha=f.lora_alpha, dropout=f.lora_dropout)
+    lora = dict(lora_r=f.lora_r, lora_alpha=f.lora_alpha, lora_dropout=f.lora_dropout)
     train = RecordDataset(
         resolve_mix(f.data, p.model.seed, data_dir), processor, p.model.system_prompt
     )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from torch import nn
 
@@ -26,16 +25,6 @@ LINEAR_MODULES = (
 )
 """The paper's seven modules (Llama names). The targets actually used are the layer map's
 `lora_targets`: every linear module of the family's decoder layers, or its table entry's list."""
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    r: int = 128
-    """LoRA rank (paper: 128)."""
-    alpha: int = 256
-    """LoRA alpha (paper: 256)."""
-    dropout: float = 0.05
-    """LoRA dropout (paper: 0.05)."""
 
 
 def region_target_regex(
@@ -57,14 +46,18 @@ def make_region_trainable(
     layers: Sequence[int],
     *,
     mode: str = "lora",
-    lora: LoraSettings | None = None,
+    lora_r: int | None = None,
+    lora_alpha: int | None = None,
+    lora_dropout: float | None = None,
     train_vision: bool = False,
 ) -> nn.Module:
     """Return the model to train (a PeftModel in `lora` mode) with only the region trainable.
 
-    The projector is trained in full in both modes (in LoRA mode as a PEFT `modules_to_save`, so
-    the adapter alone restores it), and so is the vision tower with `train_vision`. `layers` may
-    be empty: projector-only tuning.
+    `lora_r`, `lora_alpha` and `lora_dropout` are required in `lora` mode (no defaults here:
+    they come from the config, e.g. `FinetuneConfig`'s fields of the same names). The projector
+    is trained in full in both modes (in LoRA mode as a PEFT `modules_to_save`, so the adapter
+    alone restores it), and so is the vision tower with `train_vision`. `layers` may be empty:
+    projector-only tuning.
     """
     if mode not in ("lora", "full"):
         raise ValueError(f"mode must be 'lora' or 'full', got {mode!r}")
@@ -84,7 +77,13 @@ def make_region_trainable(
 
     from peft import LoraConfig, get_peft_model
 
-    lora = lora or LoraSettings()
+    missing = [
+        k
+        for k, v in (("lora_r", lora_r), ("lora_alpha", lora_alpha), ("lora_dropout", lora_dropout))
+        if v is None
+    ]
+    if missing:
+        raise ValueError(f"mode 'lora' needs {', '.join(missing)}")
     if not layers:
         # PEFT needs at least one target: an empty region is projector-only, done without LoRA.
         return make_region_trainable(model, [], mode="full", train_vision=train_vision)
@@ -97,9 +96,9 @@ def make_region_trainable(
         nested = lmap.projector_path.startswith(lmap.vision_tower_path + ".")
         to_save = [lmap.vision_tower_path] + ([] if nested else to_save)
     config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
+        r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
         target_modules=region_target_regex(lmap.layers_path, layers, lmap.lora_targets),
         modules_to_save=to_save,
         bias="none",
@@ -125,19 +124,3 @@ def trainable_groups(model: nn.Module, projector_lr: float, llm_lr: float) -> li
     if fast:
         groups.append({"params": fast, "lr": llm_lr, "name": "llm"})
     return groups
-
-
-def parameter_counts(model: nn.Module) -> dict[str, float]:
-    """Trainable and total parameters (tied weights once) and the trainable share in %."""
-    seen, trainable, total = set(), 0, 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
-    return {
-        "trainable_params": trainable,
-        "total_params": total,
-        "trainable_percent": round(100 * trainable / total, 3),
-    }
