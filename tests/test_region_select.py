@@ -159,3 +159,15 @@ def test_region_choice_round_trips_through_json():
     ranked = choose_region(4, "topk:bi", 1, scores={"bi": [0.0, 1.0, 0.5, 0.2]})
     assert ranked.layers == [1] and ranked.scorer == "bi"
     assert "highest bi" in ranked.rule
+
+
+def test_authors_list_maps_to_itself_on_32_layers_and_by_relative_depth_elsewhere():
+    assert select_layers(32, "authors", 0.25) == list(AUTHORS_32_LAYER_REGION)
+    assert select_layers(30, "authors", 0.25) == [1, 5, 8, 12, 18, 22, 25, 29]
+    with pytest.raises(ValueError, match="authors' 8 of 32 layers.*4 distinct layers of 4"):
+        select_layers(4, "authors", 0.25)  # 1 of 4 layers asked; the list needs 8
+
+
+def test_strided_is_llama_factorys_every_fourth_layer_from_layer_3():
+    assert select_layers(32, "strided", 0.25) == [3, 7, 11, 15, 19, 23, 27, 31]
+    assert select_layers(30, "strided", 0.25) == [2, 5, 8, 11, 14, 17, 20, 23]

@@ -102,6 +102,30 @@ def middle_layers(num_layers: int, count: int) -> list[int]:
     return list(range(start, start + count))
 
 
+@strategy("authors")
+def authors_layers(num_layers: int, count: int) -> list[int]:
+    """The authors' 32-layer region (`AUTHORS_32_LAYER_REGION`) mapped to this depth: layer i of
+    32 becomes the layer at the same relative depth, floor((i + 1/2) · L / 32). 30 layers:
+    [1, 5, 8, 12, 18, 22, 25, 29]. It is 8 layers (25%), so `count` must be 8."""
+    mapped = sorted({(2 * i + 1) * num_layers // 64 for i in AUTHORS_32_LAYER_REGION})
+    if count != len(AUTHORS_32_LAYER_REGION) or len(mapped) != count:
+        raise ValueError(
+            f"strategy 'authors' is the authors' 8 of 32 layers; here it maps to {len(mapped)} "
+            f"distinct layers of {num_layers}, and {count} were asked for (set region.amount "
+            "to 8, on an LLM of at least 16 layers)"
+        )
+    return mapped
+
+
+@strategy("strided")
+def strided_layers(num_layers: int, count: int) -> list[int]:
+    """Every k-th layer from layer k-1, k = L // count (LLaMA-Factory's strided freeze-tuning
+    selection: at 25% of 32 layers, every 4th from layer 3: [3, 7, ..., 31]). Unlike `uniform`
+    it starts at the bin's end, not its centre: 30 layers, 8 chosen gives [2, 5, ..., 23]."""
+    stride = max(1, num_layers // count)
+    return list(range(stride - 1, num_layers, stride))[:count]
+
+
 @strategy("bottom+top")
 def bottom_and_top_layers(num_layers: int, count: int) -> list[int]:
     """ceil(count/2) layers from the bottom and floor(count/2) from the top."""
@@ -183,7 +207,7 @@ def select_layers(
     Args:
         num_layers: how many decoder layers the LLM has.
         strategy: a name in `STRATEGIES`: `uniform` (see `uniform_layers`), `bottom`, `top`,
-            `middle`, `bottom+top`, `random` (seeded), `list` (the given `layers`), `all`, any
+            `middle`, `authors`, `strided`, `bottom+top`, `random` (seeded), `list` (the given `layers`), `all`, any
             `@strategy` registered elsewhere, or `topk:<scorer>` (ranked by `scores[<scorer>]`).
         size: a fraction in (0, 1] of `num_layers` or a layer count (see `layer_count`). May be
             None for `list` and `all`; if given there, it must agree with what they select.

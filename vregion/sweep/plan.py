@@ -2,8 +2,9 @@
 
 Three sweeps (DESIGN.md §2), each a set of labelled runs:
 
-- `strategies`: 25% of the layers chosen by each rule (uniform, bottom, top, middle,
-  bottom+top, random, the top-k of every probe scorer) against tuning all layers;
+- `strategies`: 25% of the layers chosen by each rule (uniform, bottom, top, a contiguous
+  middle block, bottom+top, random, LLaMA-Factory's strided choice, the authors' 32-layer list
+  mapped to this depth, the top-k of every probe scorer) against tuning all layers;
 - `sizes`: uniform regions of 1, 2, 4, 8, 16 layers and all of them;
 - `pruning`: 0-4 layers removed outside the uniform region, from the region-tuned and from
   the all-layer-tuned model (the evaluate stage's layers-removed curve).
@@ -76,8 +77,13 @@ def plan_runs(
             ("strategies", "all layers", "all-layers", all_tuned),
             ("strategies", "uniform", "uniform", region_tuned),
         ]
-        for strategy in ("bottom", "top", "middle", "bottom+top", "random"):
+        for strategy in ("bottom", "top", "middle", "bottom+top", "random", "strided"):
             wanted.append(("strategies", strategy, _name(strategy), {"region.strategy": strategy}))
+        try:  # the authors' 32-layer list maps to 8 distinct layers only on deep enough LLMs
+            select_layers(num_layers, "authors", STRATEGY_SIZE)
+            wanted.append(("strategies", "authors", "authors", {"region.strategy": "authors"}))
+        except ValueError:
+            pass
         for scorer in scorers:
             strategy = f"topk:{scorer}"
             wanted.append(
