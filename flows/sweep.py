@@ -117,12 +117,17 @@ def queue_and_run(repo: str, runs: list[Run], jobs: int) -> None:
 
 @flow(name="vregion-sweep", log_prints=True)
 def sweep(
-    repo: str = ".", sweeps: list[str] | None = None, jobs: int = 1, run: bool = True
+    repo: str = ".",
+    sweeps: list[str] | None = None,
+    jobs: int = 1,
+    run: bool = True,
+    seeds: int = 1,
 ) -> dict:
     """Run the sweeps (default: all) as DVC experiments and write results/comparison.md.
 
     repo: the DVC repo. sweeps: any of strategies, sizes, pruning. jobs: experiments run at a
     time (1 on a 2-core machine). run: False only rebuilds the report from finished runs.
+    seeds: training seeds of the runs the claims compare (`vregion.sweep.plan.SEEDED`).
     Returns {"finished": [...], "missing": [...], "report": path}.
     """
     path = Path(repo).resolve()
@@ -131,7 +136,7 @@ def sweep(
     # the scorers asked for in params (layer_scores.json also holds their parts, e.g. the
     # image and text halves of multimodal_block_influence)
     scorers = [x for x in base_params["probe"]["scorers"] if x in shape["scorers"]]
-    runs = plan_runs(shape["num_layers"], scorers, sweeps)
+    runs = plan_runs(shape["num_layers"], scorers, sweeps, seeds)
     # `run` reuses only this commit's experiments (older ones rerun, their stages mostly from
     # the DVC run-cache); `report` shows the newest finished run of each, whatever its commit.
     done = finished(path, runs, base_params, metric_files(path), any_baseline=not run)
@@ -187,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--sweeps", nargs="+", choices=SWEEPS, help="which sweeps (default: all three)"
         )
+        p.add_argument(
+            "--seeds",
+            type=int,
+            default=1,
+            help="training seeds of the runs the claims compare (default 1; 3 gives a spread)",
+        )
         if name == "run":
             p.add_argument("--jobs", type=int, default=1, help="experiments at a time (default 1)")
     return parser
@@ -200,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             shape = _shape_from_scores(repo)
             asked = yaml.safe_load((repo / "params.yaml").read_text())["probe"]["scorers"]
             scorers = [x for x in asked if x in shape["scorers"]]
-            for r in plan_runs(shape["num_layers"], scorers, args.sweeps):
+            for r in plan_runs(shape["num_layers"], scorers, args.sweeps, args.seeds):
                 labels = ", ".join(f"{s}/{label}" for s, label in r.labels)
                 print(f"{r.name:<32} {labels}\n{'':<32} -S " + " -S ".join(r.set_params()))
             return 0
@@ -209,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             sweeps=args.sweeps,
             jobs=getattr(args, "jobs", 1),
             run=args.command == "run",
+            seeds=args.seeds,
         )
     except (PipelineError, FileNotFoundError) as err:
         print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)

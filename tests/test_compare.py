@@ -10,7 +10,15 @@ import math
 
 import pytest
 
-from vregion.sweep.compare import add_ratios, charts, claims, gap_verdict, run_row, standard_error
+from vregion.sweep.compare import (
+    add_ratios,
+    charts,
+    claims,
+    combine_seeds,
+    gap_verdict,
+    run_row,
+    standard_error,
+)
 
 
 def row(label: str, accuracy: float, n: int, size: int, layers: int = 30, **extra) -> dict:
@@ -239,3 +247,36 @@ def test_paired_retention_and_pruning_claims():
 def claims_with_ratios(rows: dict) -> list[dict]:
     add_ratios([r for s in rows.values() for r in s.values()], rows["strategies"]["all layers"])
     return claims(rows)
+
+
+def test_seeds_combine_into_one_row_whose_interval_resamples_them():
+    n = 200
+    rows = [
+        row("uniform", acc, n, 8, rev=f"r{i}", questions=answers([1] * k + [0] * (n - k)))
+        for i, (acc, k) in enumerate([(0.60, 120), (0.62, 124), (0.64, 128)])
+    ]
+    one = combine_seeds(rows)
+    assert one["seeds"] == 3 and one["revs"] == ["r0", "r1", "r2"]
+    assert one["accuracy"] == pytest.approx(0.62) and one["accuracy_sd"] == pytest.approx(0.02)
+    assert len(one["questions"]) == 3  # one list of answers per seed
+    assert combine_seeds(rows[:1])["seeds"] == 1
+    # against an all-layer run that is right on every question uniform gets right, plus 20:
+    # a clear gap whichever seed, so the interval over questions and seeds lies above 0
+    base = row("all layers", 0.72, n, 30, questions=answers([1] * 144 + [0] * 56))
+    strategies = {"strategies": {"all layers": base, "uniform": one, "bottom": rows[0]}}
+    claim = next(
+        c for c in claims_with_ratios(strategies) if c["claim"].startswith("Sparse uniform")
+    )
+    assert "95% CI" in claim["ours"]
+
+
+def test_more_seeds_repeat_the_runs_the_claims_compare():
+    from vregion.sweep.plan import SEEDED, plan_runs
+
+    one = plan_runs(30, ["angular_distance"])
+    three = plan_runs(30, ["angular_distance"], seeds=3)
+    assert [r.name for r in three[: len(one)]] == [r.name for r in one]  # first seeds first
+    repeats = three[len(one) :]
+    assert {r.name.rsplit("-s", 1)[0] for r in repeats} == set(SEEDED)
+    assert {r.overrides["finetune.seed"] for r in repeats} == {1, 2}
+    assert all("finetune.seed" not in r.overrides for r in one)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -110,6 +111,50 @@ def harness_table(rows: Sequence[dict]) -> str:
     return "Evaluation harnesses on the tuned model:\n\n" + "\n".join(lines)
 
 
+def combine_seeds(rows: Sequence[dict]) -> dict:
+    """One row for a run measured with several training seeds (the first seed's row first): its
+    figures are means over the seeds, `accuracy_seeds` and `accuracy_sd` their spread, and
+    `questions` / `curve_questions` every seed's answers (the paired intervals resample seeds)."""
+    first = rows[0]
+    if len(rows) == 1:
+        return {**first, "seeds": 1}
+    accs = [r["accuracy"] for r in rows]
+    out = {
+        **first,
+        "seeds": len(rows),
+        "revs": [r["rev"] for r in rows],
+        "accuracy": round(statistics.fmean(accs), 4),
+        "accuracy_seeds": accs,
+        "accuracy_sd": round(statistics.stdev(accs), 4),
+    }
+    for key in (
+        "blind",
+        "text_mc_accuracy",
+        "text_mc_vs_base",
+        "text_nll_vs_base",
+        "seconds_per_step",
+    ):
+        values = [r.get(key) for r in rows]
+        out[key] = None if None in values else round(statistics.fmean(values), 4)
+    if all(len(r["prune_curve"]) == len(first["prune_curve"]) for r in rows):
+        out["prune_curve"] = [
+            {
+                **c,
+                "accuracy": round(
+                    statistics.fmean(r["prune_curve"][i]["accuracy"] for r in rows), 4
+                ),
+            }
+            for i, c in enumerate(first["prune_curve"])
+        ]
+    have = all(r.get("questions") for r in rows)
+    out["questions"] = [q for r in rows for q in r["questions"]] if have else None
+    if all(r.get("curve_questions") for r in rows):
+        out["curve_questions"] = [
+            [q for r in rows for q in r["curve_questions"][point]] for point in (0, 1)
+        ]
+    return out
+
+
 def add_ratios(rows: Sequence[dict], baseline: dict | None) -> None:
     """Retention % (± its standard error) and step-time ratio against the all-layer run."""
     for row in rows:
@@ -183,7 +228,12 @@ def sweep_table(rows: Sequence[dict]) -> str:
                 [
                     f"**{r['label']}**",
                     layers,
-                    f"{r['accuracy']:.3f} ± {r['accuracy_se']:.3f}",
+                    f"{r['accuracy']:.3f} ± {r['accuracy_se']:.3f}"
+                    + (
+                        f" ({r['seeds']} seeds, sd {r['accuracy_sd']:.3f})"
+                        if r.get("seeds", 1) > 1
+                        else ""
+                    ),
                     f"{r['blind']:.3f}",
                     _retention(r),
                     _fmt(r["text_mc_vs_base"], "+.3f"),
@@ -473,13 +523,20 @@ def write_report(
             rows[run.name] = run_row(run.name, run.name, metrics, rev, curve_n)
             if questions:
                 rows[run.name].update(run_questions(repo, rev, params, questions, rows[run.name]))
-    baseline = rows.get("all-layers")
-    add_ratios(list(rows.values()), baseline)
+    add_ratios(list(rows.values()), rows.get("all-layers"))  # each run on its own
+    # a run and its repeats with other training seeds (`<run>-s<k>`): one row, means and spread
+    seeds: dict[str, list[dict]] = {}
+    for run in runs:
+        if run.name in rows:
+            first = run.name.removesuffix(f"-s{run.seed}") if run.seed else run.name
+            seeds.setdefault(first, []).append(rows[run.name])
+    combined = {name: combine_seeds(group) for name, group in seeds.items() if name in rows}
+    add_ratios(list(combined.values()), combined.get("all-layers"))
     by_label: dict[str, dict[str, dict]] = {s: {} for s in SWEEPS}
     for run in runs:
         for sweep, label in run.labels:
-            if run.name in rows:
-                by_label[sweep][label] = {**rows[run.name], "label": label}
+            if run.name in combined:
+                by_label[sweep][label] = {**combined[run.name], "label": label}
     by_label["sizes"] = dict(sorted(by_label["sizes"].items(), key=lambda kv: kv[1]["region_size"]))
     out = Path(repo) / results
     (out / "plots").mkdir(parents=True, exist_ok=True)

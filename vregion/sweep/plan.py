@@ -29,6 +29,20 @@ SWEEPS = ("strategies", "sizes", "pruning")
 STRATEGY_SIZE = 0.25
 """The region size of the strategy sweep (the paper's 25%)."""
 SIZES = (1, 2, 4, 8, 16)
+SEEDED = (
+    "all-layers",
+    "uniform",
+    "bottom",
+    "top",
+    "middle",
+    "random",
+    "uniform-1",
+    "uniform-2",
+    "uniform-4",
+    "uniform-16",
+)
+"""The runs repeated with more training seeds (`--seeds N`): the ones the claims compare. The
+uniform and all-layer runs carry both pruning curves."""
 PRUNE_CURVE = [0, 1, 2, 3, 4]
 COMMON: dict[str, object] = {"evaluate.models": ["tuned"], "evaluate.prune_curve": []}
 """Every run measures its tuned model only: the aligned model is the same in all of them (the
@@ -45,6 +59,8 @@ class Run:
     """Param -> value, passed as `dvc exp run -S param=value`."""
     labels: list[tuple[str, str]] = field(default_factory=list)
     """(sweep, label) pairs this run stands for, e.g. ("sizes", "8 layers")."""
+    seed: int | None = None
+    """Its training seed (`finetune.seed`); None: params.yaml's own (the first seed)."""
 
     def set_params(self) -> list[str]:
         """The `-S` arguments, values in YAML flow style as DVC parses them."""
@@ -56,10 +72,14 @@ def _name(text: str) -> str:
 
 
 def plan_runs(
-    num_layers: int, scorers: Sequence[str], sweeps: Sequence[str] | None = None
+    num_layers: int, scorers: Sequence[str], sweeps: Sequence[str] | None = None, seeds: int = 1
 ) -> list[Run]:
     """The runs of `sweeps` (default: all three) for an LLM of `num_layers` layers whose probe
-    ran `scorers`, deduplicated: a run shared by several sweeps appears once, with every label."""
+    ran `scorers`, deduplicated: a run shared by several sweeps appears once, with every label.
+    `seeds` > 1 repeats the `SEEDED` runs with `finetune.seed` 1 .. seeds-1 (named `<run>-s<k>`,
+    queued after every first-seed run), so each claim has a spread over training seeds."""
+    if seeds < 1:
+        raise ValueError(f"seeds must be at least 1, got {seeds}")
     unknown = set(sweeps or ()) - set(SWEEPS)
     if unknown:
         raise ValueError(f"unknown sweep(s) {sorted(unknown)}; valid: {', '.join(SWEEPS)}")
@@ -119,7 +139,14 @@ def plan_runs(
     # (hours on 2 cores) has already answered the most.
     first = ["all-layers", "uniform", "bottom", "top", "uniform-1", "uniform-2", "uniform-4"]
     rank = {name: i for i, name in enumerate(first)}
-    return sorted(runs.values(), key=lambda r: rank.get(r.name, len(first)))
+    planned = sorted(runs.values(), key=lambda r: rank.get(r.name, len(first)))
+    repeats = [
+        Run(f"{r.name}-s{k}", {**r.overrides, "finetune.seed": k}, list(r.labels), seed=k)
+        for k in range(1, seeds)
+        for r in planned
+        if r.name in SEEDED
+    ]
+    return planned + repeats
 
 
 def set_dotted(params: dict, key: str, value: object) -> None:
