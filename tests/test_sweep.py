@@ -75,6 +75,7 @@ def swept(tmp_path_factory):
     return repo, env, cmd, first
 
 
+@pytest.mark.slow  # the `swept` fixture runs a real sweep (minutes)
 def test_sweep_runs_every_experiment_and_shares_the_upstream_stages(swept):
     repo, env, _, first = swept
     assert "wrote" in first and "missing: []" in first
@@ -109,6 +110,7 @@ def test_sweep_runs_every_experiment_and_shares_the_upstream_stages(swept):
     assert ("vregion-sweep", "COMPLETED") in seen
 
 
+@pytest.mark.slow  # the `swept` fixture runs a real sweep (minutes)
 def test_report_numbers_are_the_committed_metrics(swept):
     repo, _, _, _ = swept
     result = json.loads((repo / "results" / "comparison.json").read_text())
@@ -150,6 +152,7 @@ def test_report_numbers_are_the_committed_metrics(swept):
     assert "Pruning outside the region hurts" in " ".join(claims)
 
 
+@pytest.mark.slow  # the `swept` fixture runs a real sweep (minutes)
 def test_rerun_reuses_every_finished_run(swept):
     repo, env, cmd, _ = swept
     before = (repo / "results" / "comparison.json").read_text()
