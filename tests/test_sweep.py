@@ -69,7 +69,8 @@ def swept(tmp_path_factory):
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "pipeline"], repo)
     cmd = [sys.executable, "-m", "flows.sweep", "run", "--repo", str(repo)]
-    cmd += ["--sweeps", "sizes", "pruning"]
+    # two experiments at a time: most of a tiny stage is process start-up, so 2 cores overlap
+    cmd += ["--sweeps", "sizes", "pruning", "--jobs", "2"]
     env["PYTHONPATH"] = str(ROOT)  # flows/ is not copied into the sandbox
     first = run(cmd, repo, env, timeout=1800)
     return repo, env, cmd, first
