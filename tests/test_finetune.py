@@ -118,6 +118,7 @@ def test_lora_adapter_loads_with_plain_peft(ray_runtime, tiny_embedded_dir, vqa,
     assert config["r"] == 4
 
 
+@pytest.mark.slow  # over a minute on 2 cores
 def test_killed_run_resumes_from_its_checkpoint(tiny_embedded_dir, vqa, tmp_path):
     job = _job(tiny_embedded_dir, vqa, steps=40, checkpoint_every=2)
     runs = tmp_path / "runs"
@@ -201,6 +202,7 @@ def test_a_worker_that_dies_is_restarted_from_the_checkpoint(
     assert result.metrics["resumed_from"] == 3 and result.metrics["step"] == job.steps
 
 
+@pytest.mark.slow  # over a minute on 2 cores
 def test_fsdp_shards_the_model_and_matches_ddp(ray_runtime, tiny_embedded_dir, vqa, tmp_path):
     """`parallel: fsdp` on 2 CPU workers (gloo): the same training as DDP, unsharded
     checkpoints, and a resume that restores the name-keyed optimizer state."""

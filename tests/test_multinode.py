@@ -31,6 +31,9 @@ from vregion.data.sources import ingest_source
 from vregion.storage import s3_client
 from vregion.train.finetune import STATE_FILE, FinetuneJob, run_finetune
 
+# Two Ray nodes and three training runs (minutes on 2 cores).
+pytestmark = pytest.mark.slow
+
 SYSTEM = "Answer briefly."
 
 

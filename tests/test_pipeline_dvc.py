@@ -2,16 +2,21 @@
 
 Checks the contract users rely on: `dvc repro` builds every stage (base → prepare → align →
 probe → region → finetune → prune → evaluate → report); a second `dvc repro` does nothing;
-changing a `finetune` param reruns only finetune and what depends on it, a `region` param
-reruns neither probe nor anything upstream; every stage ran as a Completed
-Prefect flow run; every checkpoint loads with plain transformers (the adapter with plain peft);
-the metrics agree with each other and with the report.
+changing an `evaluate` param reruns only evaluate and report, nothing upstream; every stage
+ran as a Completed Prefect flow run; every checkpoint loads with plain transformers (the
+adapter with plain peft); the metrics agree with each other and with the report; and, last, Ctrl-C mid-finetune stops
+fast and the next `dvc repro` resumes from the checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +34,10 @@ from pipeline_repo import (
 )
 
 from vregion.eval.questions import correctness
+
+# A whole `dvc repro` of the pipeline (minutes on 2 cores): in the whole suite, not the quick one.
+pytestmark = pytest.mark.slow
+
 
 STAGES = (
     "base",
@@ -132,24 +141,6 @@ def test_the_repro_is_one_picture_in_prefect(pipeline_repo):
     assert all(" loss " in m and " lr " in m and " s/step ETA " in m for m in lines), lines
     for stage, phase in (("base", "base-pretrain-vision-tower"), ("align", "align-projector")):
         assert float(runs[stage]["artifacts"][phase]["data"]) == 100.0, runs[stage]["artifacts"]
-
-
-def test_second_repro_does_nothing_and_a_param_reruns_only_its_stage(pipeline_repo):
-    repo, env, dvc, _ = pipeline_repo
-    again = _run([*dvc, "repro"], repo, env)
-    assert "Running stage" not in again
-    assert "up to date" in again
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["finetune"]["steps"] = 4
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    changed = _run([*dvc, "repro"], repo, env, timeout=900)
-    for stage in ("base", "prepare", "align", "probe", "region"):
-        assert f"Running stage '{stage}'" not in changed
-    for stage in ("finetune", "prune", "evaluate", "report"):  # all read the tuned model
-        assert f"Running stage '{stage}'" in changed
-    curve = (repo / "metrics" / "finetune_loss.csv").read_text().splitlines()
-    assert len(curve) == 1 + 4
-    assert json.loads((repo / "metrics" / "train.json").read_text())["steps"] == 4
 
 
 def test_each_stage_is_a_completed_prefect_flow_run(pipeline_repo):
@@ -309,6 +300,26 @@ def test_report_shows_the_measured_figures(pipeline_repo):
     assert (repo / "reports" / "plots" / "eval_accuracy.png").is_file()
 
 
+def test_second_repro_does_nothing_and_a_param_reruns_only_its_stage(pipeline_repo):
+    """After the tests that read the first repro's eval.json: the changed evaluate params
+    measure the tuned model alone, the cheapest rerun that still leaves finetune and prune,
+    upstream of it, alone."""
+    repo, env, dvc, _ = pipeline_repo
+    again = _run([*dvc, "repro"], repo, env)
+    assert "Running stage" not in again
+    assert "up to date" in again
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["evaluate"].update(models=["tuned"], prune_curve=[])
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = _run([*dvc, "repro"], repo, env, timeout=900)
+    for stage in ("base", "prepare", "align", "probe", "region", "finetune", "prune"):
+        assert f"Running stage '{stage}'" not in changed
+    for stage in ("evaluate", "report"):  # report reads eval.json
+        assert f"Running stage '{stage}'" in changed
+    ev = json.loads((repo / "metrics" / "eval.json").read_text())
+    assert set(ev["models"]) == {"tuned"} and not ev["prune_curve"]
+
+
 # The field's harnesses, once, on the tuned model: lm-eval on its exported LLM, lmms-eval on the
 # LVLM, each on the local task vregion ships (about 12 s a harness run on 2 cores).
 HARNESS_PARAMS = {
@@ -419,3 +430,89 @@ def test_a_failing_harness_task_exits_2_naming_it_and_writes_no_metrics(harness_
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "lmms_eval gave no result for task 'no_such_task' (exit code 0" in proc.stderr
     assert not (repo / "metrics" / "eval.json").exists()
+
+
+# Ctrl-C mid-finetune (issue 19): finetune long enough to interrupt mid-way, a checkpoint every
+# 5 steps; STOP_WITHIN: s from Ctrl-C to the end of `dvc repro` (measured 6.5-8 s).
+STEPS, EVERY = 40, 5
+STOP_WITHIN = 10.0
+
+
+def _cache_is_consistent(repo: Path) -> int:
+    """Every cached file's content hashes to its own name; returns how many were checked."""
+    checked = 0
+    for f in (repo / ".dvc" / "cache" / "files" / "md5").rglob("*"):
+        if f.is_file() and not f.name.endswith((".dir", ".tmp")) and "." not in f.name:
+            assert hashlib.md5(f.read_bytes()).hexdigest() == f.parent.name + f.name, f
+            checked += 1
+    return checked
+
+
+def test_ctrl_c_mid_finetune_stops_fast_marks_the_run_and_resumes(pipeline_repo):
+    """Ctrl-C in the middle of `dvc repro` (during finetune's Ray Train steps) stops the run
+    within seconds, marks the stage's flow run Cancelled with the step it reached, leaves the
+    DVC cache consistent, and the next `dvc repro` resumes finetune from its checkpoint.
+
+    Ctrl-C in a terminal sends SIGINT to the whole foreground process group (dvc and the running
+    stage's Python); the test does the same. The stages' shared Prefect server runs in its own
+    session, so the signal does not reach it. Last in this module: it reuses the built pipeline
+    (longer finetune params rerun finetune only) and leaves finetune at STEPS steps."""
+    repo, base_env, _, _ = pipeline_repo
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["finetune"].update(steps=STEPS, checkpoint_every=EVERY)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**base_env, "VREGION_RUN_ID": "interrupted", "VREGION_LOG_EVERY": str(EVERY)}
+    log = (repo / "repro.log").open("w")
+    proc = subprocess.Popen(
+        [*DVC, "repro"],
+        cwd=repo,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        # Wait until finetune has checkpointed (step 10: checkpoints at 5 and 10), then Ctrl-C.
+        while (
+            f"finetune (worker 0): step {2 * EVERY}/{STEPS}" not in (repo / "repro.log").read_text()
+        ):
+            assert proc.poll() is None, (repo / "repro.log").read_text()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        pressed = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=120) != 0
+        stopped = time.monotonic() - pressed
+        log.close()
+        out = (repo / "repro.log").read_text()
+        assert stopped < STOP_WITHIN, f"stopped {stopped:.1f} s after Ctrl-C\n{out[-3000:]}"
+        # One line says where it stopped; no traceback from the stage or from Prefect's API.
+        assert "finetune: Interrupted (Ctrl-C) at finetune (worker 0) step" in out, out[-3000:]
+        tail = out[out.index("Received SIGINT") :] if "Received SIGINT" in out else out
+        assert "Traceback" not in tail, tail[-3000:]
+
+        api = prefect_api(repo)
+        (finetune,) = [r for r in flow_runs(api, "run:interrupted") if r["flow"] == "finetune"]
+        assert finetune["state"] == "CANCELLED", finetune
+        assert "Interrupted (Ctrl-C) at finetune (worker 0) step" in finetune["message"]
+
+        assert _cache_is_consistent(repo) > 0
+        status = _run([*DVC, "status"], repo, env)
+        assert "finetune" in status
+        for done in ("base:", "prepare:", "align:", "probe:", "region:"):
+            assert done not in status, status
+        # Resume up to finetune only: the stages after it are tested above.
+        resume = {**env, "VREGION_RUN_ID": "resumed"}
+        again = _run([*DVC, "repro", "finetune"], repo, resume, timeout=900)
+        assert "Running stage 'finetune'" in again and "Running stage 'align'" not in again
+        train = json.loads((repo / "metrics" / "train.json").read_text())
+        # from the last checkpoint Ray Train committed before the signal (step 5 or 10)
+        assert EVERY <= train["resumed_from"] <= 2 * EVERY and train["steps"] == STEPS, train
+        assert "up to date" in _run([*DVC, "status", "finetune"], repo, env)
+        _cache_is_consistent(repo)
+        states = {r["flow"]: r["state"] for r in flow_runs(api, "run:resumed")}
+        assert states == {"finetune": "COMPLETED"}, states
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

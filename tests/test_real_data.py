@@ -20,6 +20,10 @@ import yaml
 from PIL import Image
 from pipeline_repo import DVC, make_pipeline_repo, merge, pipeline_env, run
 
+# A whole `dvc repro` on LLaVA data (minutes on 2 cores): in the whole suite, not the quick one.
+pytestmark = pytest.mark.slow
+
+
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "white": (250,) * 3}
 SHAPES = ("square", "circle")
 

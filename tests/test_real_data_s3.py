@@ -21,10 +21,13 @@ from test_real_data import REAL_PARAMS, write_llava_set
 
 from vregion.storage import s3_client
 
-pytestmark = pytest.mark.skipif(
-    not os.environ.get("VREGION_TEST_S3_REPRO"),
-    reason="the whole pipeline on S3 data (~5-6.5 min): set VREGION_TEST_S3_REPRO=1",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not os.environ.get("VREGION_TEST_S3_REPRO"),
+        reason="the whole pipeline on S3 data (~5-6.5 min): set VREGION_TEST_S3_REPRO=1",
+    ),
+]
 
 
 def test_dvc_repro_with_records_and_images_in_s3(s3_settings, tmp_path):

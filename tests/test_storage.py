@@ -92,10 +92,6 @@ def test_invalid_settings_are_refused(changes, message):
 # --- check_s3 against the real server ---------------------------------------------------------
 
 
-def test_check_s3_passes(s3_settings):
-    check_s3(s3_settings)
-
-
 @pytest.mark.parametrize(
     ("changes", "message"),
     [

@@ -69,12 +69,14 @@ def swept(tmp_path_factory):
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "pipeline"], repo)
     cmd = [sys.executable, "-m", "flows.sweep", "run", "--repo", str(repo)]
-    cmd += ["--sweeps", "sizes", "pruning"]
+    # two experiments at a time: most of a tiny stage is process start-up, so 2 cores overlap
+    cmd += ["--sweeps", "sizes", "pruning", "--jobs", "2"]
     env["PYTHONPATH"] = str(ROOT)  # flows/ is not copied into the sandbox
     first = run(cmd, repo, env, timeout=1800)
     return repo, env, cmd, first
 
 
+@pytest.mark.slow  # the `swept` fixture runs a real sweep (minutes)
 def test_sweep_runs_every_experiment_and_shares_the_upstream_stages(swept):
     repo, env, _, first = swept
     assert "wrote" in first and "missing: []" in first
@@ -109,6 +111,7 @@ def test_sweep_runs_every_experiment_and_shares_the_upstream_stages(swept):
     assert ("vregion-sweep", "COMPLETED") in seen
 
 
+@pytest.mark.slow  # the `swept` fixture runs a real sweep (minutes)
 def test_report_numbers_are_the_committed_metrics(swept):
     repo, _, _, _ = swept
     result = json.loads((repo / "results" / "comparison.json").read_text())
@@ -152,6 +155,7 @@ def test_report_numbers_are_the_committed_metrics(swept):
     assert "all-layer minus region-tuned drop" in pruning["ours"] and "95% CI" in pruning["ours"]
 
 
+@pytest.mark.slow  # the `swept` fixture runs a real sweep (minutes)
 def test_rerun_reuses_every_finished_run(swept):
     repo, env, cmd, _ = swept
     before = (repo / "results" / "comparison.json").read_text()
