@@ -267,6 +267,9 @@ def evaluate(
             write_question_results(
                 Path(questions, "prune_curve", f"{k}.jsonl"), row.pop("questions")
             )
+    # always there (a declared output), and says what is: sets without choices have no rows
+    written = sorted(str(f.relative_to(questions)) for f in Path(questions).rglob("*.jsonl"))
+    write_json(Path(questions, "index.json"), {"files": written})
     write_json(
         metrics,
         {

@@ -286,6 +286,8 @@ def test_evaluate_measures_every_model_consistently(pipeline_repo):
         curve[1]["accuracy"], abs=1e-3
     )
     assert "questions" not in models["tuned"] and "questions" not in curve[0]
+    index = json.loads((questions / "index.json").read_text())["files"]
+    assert len(index) == 3 + 2 and "prune_curve/1.jsonl" in index  # 3 models, 2 curve points
 
 
 def test_report_shows_the_measured_figures(pipeline_repo):
