@@ -364,6 +364,7 @@ def test_pad_to_square_pads_with_the_mean_colour(tower):
     assert plain(images=[wide], return_tensors="pt")["pixel_values"][0, :, :6].min() > 0.9
 
 
+@pytest.mark.slow  # over 30 s on a quiet 2-core machine
 def test_dvc_repro_assembled_from_parts_with_align_skipped_keeps_the_base(embedded_parts, tmp_path):
     """The paper's start under real DVC: `model.base: assemble` from the saved parts and
     `align.skip`: the aligned model is the base, file for file, and nothing was trained."""

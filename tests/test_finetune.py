@@ -177,6 +177,7 @@ def dies_after_first_checkpoint(config: dict) -> None:
     finetune_worker(config)
 
 
+@pytest.mark.slow  # over 30 s on a quiet 2-core machine
 def test_a_worker_that_dies_is_restarted_from_the_checkpoint(
     ray_runtime, tiny_embedded_dir, vqa, tmp_path
 ):

@@ -106,6 +106,7 @@ def pushed(prefect_api, repo, store):
     return metrics, time.monotonic() - start
 
 
+@pytest.mark.slow  # over 30 s on a quiet 2-core machine
 def test_flow_reproduces_publishes_and_pushes(pushed, repo, store):
     metrics, seconds = pushed
     prepare = metrics["metrics/prepare.json"]
@@ -118,6 +119,7 @@ def test_flow_reproduces_publishes_and_pushes(pushed, repo, store):
     assert "Cache and remote 'storage' are in sync" in status, status
 
 
+@pytest.mark.slow  # over 30 s on a quiet 2-core machine
 def test_pipeline_and_each_stage_are_completed_runs_in_the_same_api(pushed):
     from prefect.client.schemas.sorting import FlowRunSort
 
@@ -134,6 +136,7 @@ def test_pipeline_and_each_stage_are_completed_runs_in_the_same_api(pushed):
     assert grouped == ["base", "prepare", "vregion-pipeline"], grouped
 
 
+@pytest.mark.slow  # over 30 s on a quiet 2-core machine
 def test_metrics_artifact_is_a_markdown_table(pushed):
     artifacts = _artifacts(METRICS_ARTIFACT)
     assert len(artifacts) == 1
@@ -143,6 +146,7 @@ def test_metrics_artifact_is_a_markdown_table(pushed):
     assert "| metrics/base.json |" in art.data
 
 
+@pytest.mark.slow  # over 30 s on a quiet 2-core machine
 def test_wrong_credentials_fail_fast_with_the_endpoint_and_write_nothing(pushed, repo, store):
     wrong = store.replace(secret_access_key="wrong-" + secrets.token_hex(8))
     configure_dvc_remote(repo, wrong)
@@ -165,6 +169,7 @@ def test_wrong_credentials_fail_fast_with_the_endpoint_and_write_nothing(pushed,
     assert len(_artifacts(METRICS_ARTIFACT)) == artifacts_before
 
 
+@pytest.mark.slow  # over 30 s on a quiet 2-core machine
 def test_unreachable_endpoint_is_retried_then_fails_clearly(pushed, repo, store):
     dead = store.replace(endpoint_url=f"http://127.0.0.1:{free_port()}")
     configure_dvc_remote(repo, dead)
@@ -291,6 +296,7 @@ def test_dvc_command_and_error_classes():
     assert table.splitlines()[2:] == ["| m.json | a.b | 0.5 |", "| m.json | c | x\\|y |"]
 
 
+@pytest.mark.slow  # over 30 s on a quiet 2-core machine
 def test_set_params_runs_a_dvc_experiment(pushed, repo):
     from prefect.client.schemas.sorting import FlowRunSort
 

@@ -13,6 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from pipeline_repo import DVC, init_git_dvc, pipeline_env, run
 
@@ -58,6 +59,7 @@ def _run_all(repo: Path, env: dict, timeout: int = 240) -> None:
         raise AssertionError(f"`dvc exp run --run-all` still waiting after {timeout} s") from err
 
 
+@pytest.mark.slow  # over 30 s on a quiet 2-core machine
 def test_a_stale_queue_stop_does_not_strand_the_next_sweep(tmp_path):
     repo = init_git_dvc(tmp_path)
     env = pipeline_env(repo)  # the spawned queue worker runs `dvc` from PATH
