@@ -137,9 +137,10 @@ def sweep(
     # image and text halves of multimodal_block_influence)
     scorers = [x for x in base_params["probe"]["scorers"] if x in shape["scorers"]]
     runs = plan_runs(shape["num_layers"], scorers, sweeps, seeds)
+    files = metric_files(path)  # dvc.yaml, read once
     # `run` reuses only this commit's experiments (older ones rerun, their stages mostly from
     # the DVC run-cache); `report` shows the newest finished run of each, whatever its commit.
-    done = finished(path, runs, base_params, metric_files(path), any_baseline=not run)
+    done = finished(path, runs, base_params, files, any_baseline=not run)
     todo = [r for r in runs if r.name not in done]
     print(f"{len(runs)} runs: {len(done)} finished, {len(todo)} to run")
     if run and todo:
@@ -147,14 +148,14 @@ def sweep(
         # hide them from the report
         head = head_commit(path)
         queue_and_run(str(path), todo, jobs)
-        done = finished(path, runs, base_params, metric_files(path), baseline=head)
+        done = finished(path, runs, base_params, files, baseline=head)
     report = write_report(
         path,
         runs,
         done,
         reference_figures(path),
         COMMAND,
-        metric_files(path),
+        files,
         RESULTS,
         questions=paths(path)["questions"],
     )
