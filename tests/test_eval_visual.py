@@ -204,3 +204,32 @@ def test_question_rows_match_the_table_and_line_up_by_id(tiny, eval_set, tmp_pat
         correctness(tmp_path / "fewer.jsonl", ids)
     with pytest.raises(ValueError, match="unique"):
         write_question_results(tmp_path / "dup.jsonl", [rows[0], rows[0]])
+
+
+def test_an_isolated_evaluation_measures_what_one_in_process_does(
+    tiny_embedded_dir, tiny_processor, tmp_path
+):
+    """Each model is measured in a process forked from a forkserver that imported its
+    transformers code once; the figures are those of the same measure in this process."""
+    import importlib.util
+
+    from vregion.data.dataset import Part, index_records, part_to_dict
+    from vregion.eval.checkpoint import EvalJob, _preload, evaluate_checkpoint, evaluate_isolated
+
+    synthetic.build_split(tmp_path, "eval", 4, seed=5, questions_per_image=3, avoid_splits=())
+    records = tmp_path / "eval" / "vqa.jsonl"
+    index_records(records, tmp_path, tiny_processor, SYSTEM)
+    part = Part("eval", str(records), str(tmp_path), np.arange(12))
+    checkpoint = str(tiny_embedded_dir[0])
+    sets = {"eval": [part_to_dict(part)]}
+    job = EvalJob(checkpoint, SYSTEM, sets=sets, batch_size=6, speed_repeats=0)
+    modules = _preload(checkpoint)
+    for family in ("llava", "llama", "siglip"):  # the embedded model's three model types
+        name = f"transformers.models.{family}.modeling_{family}"
+        assert name in modules and importlib.util.find_spec(name), modules
+    assert _preload("/no/such/checkpoint")[-1] == "vregion.eval.checkpoint"
+    torch.set_num_threads(1)
+    here, there = evaluate_checkpoint(job), evaluate_isolated(job)
+    assert there.pop("peak_memory_mb") > 100 and here.pop("peak_memory_mb") > 100
+    assert there == here
+    assert 0 <= here["visual"]["overall"]["accuracy"] <= 1 and here["parameters"] > 0
