@@ -57,6 +57,20 @@ def tiny_embedded_dir(tmp_path_factory):
     return out, metrics
 
 
+@pytest.fixture(scope="session")
+def built_pipeline(tmp_path_factory):
+    """The tiny pipeline built once by `dvc repro` (~2 min on 2 cores), shared by the tests that
+    check the build itself and those that start from a built repo (the sweep)."""
+    from pipeline_repo import build_pipeline, stop_prefect
+
+    repo = tmp_path_factory.mktemp("pipeline")
+    try:
+        yield build_pipeline(repo, tmp_path_factory.mktemp("pipeline-snapshot"))
+    finally:
+        if (repo / ".prefect" / "server.json").is_file():
+            stop_prefect(repo)
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Stop the Prefect server that stage subprocesses started in the session's PREFECT_HOME."""
     from pathlib import Path

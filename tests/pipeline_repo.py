@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -147,5 +148,46 @@ def init_git_dvc(repo: Path) -> Path:
     run(["git", "config", "user.email", "t@example.com"], repo)
     run(["git", "config", "user.name", "t"], repo)
     run([*DVC, "init", "-q"], repo)
-    run([*DVC, "config", "core.site_cache_dir", str(repo / ".dvc" / "site_cache")], repo)
+    _site_cache_here(repo)
     return repo
+
+
+def _site_cache_here(repo: Path) -> None:
+    # in the git-ignored local config: a copied repo points it at its own directory
+    site = str(repo / ".dvc" / "site_cache")
+    run([*DVC, "config", "--local", "core.site_cache_dir", site], repo)
+
+
+LOG_EVERY = 2  # the built pipeline's stages log progress every 2 steps (and first and last)
+
+
+@dataclass(frozen=True)
+class BuiltPipeline:
+    """The tiny pipeline after one `dvc repro`, committed: `repo` for the tests that read and
+    then change it (test_pipeline_dvc), `snapshot` an untouched copy for those that need their
+    own (`clone`)."""
+
+    repo: Path
+    env: dict
+    log: str
+    """`dvc repro`'s output."""
+    snapshot: Path
+
+    def clone(self, dest: Path) -> Path:
+        """A copy of the built, committed repo (git, DVC cache and outputs; no Prefect state)."""
+        shutil.copytree(self.snapshot, dest, symlinks=True, dirs_exist_ok=True)
+        _site_cache_here(dest)
+        return dest
+
+
+def build_pipeline(repo: Path, snapshot: Path) -> BuiltPipeline:
+    """`dvc repro` of the tiny pipeline in `repo` (its first stage starts the Prefect server the
+    stages share, in `repo/.prefect`), committed, then copied to `snapshot`."""
+    make_pipeline_repo(repo)
+    env = {**pipeline_env(repo), "VREGION_LOG_EVERY": str(LOG_EVERY)}
+    log = run([*DVC, "repro"], repo, env, timeout=1200)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "built"], repo)
+    state = shutil.ignore_patterns(".prefect", "site_cache", "tmp")
+    shutil.copytree(repo, snapshot, symlinks=True, ignore=state, dirs_exist_ok=True)
+    return BuiltPipeline(repo, env, log, snapshot)

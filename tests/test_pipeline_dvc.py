@@ -23,14 +23,13 @@ import pytest
 import yaml
 from pipeline_repo import (
     DVC,
+    LOG_EVERY,
     TINY_PARAMS,
     flow_runs,
-    make_pipeline_repo,
     merge,
     pipeline_env,
     prefect_api,
     run,
-    stop_prefect,
 )
 
 from vregion.eval.questions import correctness
@@ -56,20 +55,10 @@ def _run(cmd: list[str], cwd: Path, env: dict, timeout: int = 600) -> str:
     return run(cmd, cwd, env, timeout)
 
 
-LOG_EVERY = 2  # a progress line every 2 steps (and the first and last)
-
-
 @pytest.fixture(scope="module")
-def pipeline_repo(tmp_path_factory):
-    repo = make_pipeline_repo(tmp_path_factory.mktemp("pipeline"))
-    env = {**pipeline_env(repo), "VREGION_LOG_EVERY": str(LOG_EVERY)}
-    dvc = DVC
-    try:  # the first stage starts the Prefect server the stages share
-        first = _run([*dvc, "repro"], repo, env, timeout=1200)
-        yield repo, env, dvc, first
-    finally:
-        if (repo / ".prefect" / "server.json").is_file():
-            stop_prefect(repo)
+def pipeline_repo(built_pipeline):
+    """The session's built pipeline, in place: the tests below read it, then change it."""
+    return built_pipeline.repo, built_pipeline.env, DVC, built_pipeline.log
 
 
 def test_repro_builds_every_stage(pipeline_repo):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 from PIL import Image
-from pipeline_repo import DVC, make_pipeline_repo, merge, pipeline_env, run
+from pipeline_repo import DVC, merge, pipeline_env, run
 
 # A whole `dvc repro` on LLaVA data (minutes on 2 cores): in the whole suite, not the quick one.
 pytestmark = pytest.mark.slow
@@ -119,9 +119,10 @@ REAL_PARAMS = {
 
 
 @pytest.fixture(scope="module")
-def real_repo(tmp_path_factory):
+def real_repo(built_pipeline, tmp_path_factory):
     data = write_llava_set(tmp_path_factory.mktemp("llava"))
-    repo = make_pipeline_repo(tmp_path_factory.mktemp("real"))
+    # the session's built tiny pipeline: its base model is reused, every data stage reruns
+    repo = built_pipeline.clone(tmp_path_factory.mktemp("real"))
     params = yaml.safe_load((repo / "params.yaml").read_text())
     sources = {
         name: {"records": str(data[name]), "image_root": str(data["images"])}

@@ -1,9 +1,10 @@
 """The comparison sweep: real queued DVC experiments in a temporary git repo, on embedded-tiny.
 
 One small sweep (`sizes` and `pruning` on a 4-layer LLM: the 1-layer uniform region, 2 layers,
-and all layers) runs for real; then the checks users rely on: `dvc exp show` lists every run
-with its params and metrics, the shared stages ran once (the experiments restored them from the
-DVC cache), the report's numbers are the ones in the committed metrics files, and a rerun
+and all layers) runs for real, in a copy of the pipeline the session built (its params are the
+uniform run's); then the checks users rely on: `dvc exp show` lists every run with its params
+and metrics, no experiment reran a stage whose inputs it shares with another (DVC restored them
+from its cache), the report's numbers are the ones in the committed metrics files, and a rerun
 reuses every finished run.
 """
 
@@ -14,7 +15,7 @@ import sys
 
 import pytest
 import yaml
-from pipeline_repo import DVC, ROOT, make_pipeline_repo, pipeline_env, run
+from pipeline_repo import DVC, ROOT, pipeline_env, run
 
 from vregion.sweep.plan import plan_runs
 
@@ -63,11 +64,9 @@ def _flow_runs(repo, env) -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory):
-    repo = make_pipeline_repo(tmp_path_factory.mktemp("sweep"))
+def swept(built_pipeline, tmp_path_factory):
+    repo = built_pipeline.clone(tmp_path_factory.mktemp("sweep"))
     env = pipeline_env(repo)
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-qm", "pipeline"], repo)
     cmd = [sys.executable, "-m", "flows.sweep", "run", "--repo", str(repo)]
     # two experiments at a time: most of a tiny stage is process start-up, so 2 cores overlap
     cmd += ["--sweeps", "sizes", "pruning", "--jobs", "2"]
@@ -103,11 +102,14 @@ def test_sweep_runs_every_experiment_and_shares_the_upstream_stages(swept):
         name: sum(1 for n, s in seen if n == name and s == "COMPLETED")
         for name in {n for n, _ in seen}
     }
-    # base..probe ran once, before the experiments; each experiment ran region onwards itself
+    # base..probe were built before the sweep and never reran; the uniform run's params are
+    # the built commit's, so DVC restored its region..prune (evaluate reran: its harness
+    # folder is an uncached output); the other two ran region onwards
     for stage in ("base", "prepare", "align", "probe"):
-        assert count.get(stage) == 1, count
-    for stage in ("region", "finetune", "evaluate"):
-        assert count.get(stage) == 3, count
+        assert stage not in count, count
+    for stage in ("region", "finetune", "prune"):
+        assert count.get(stage) == 2, count
+    assert count.get("evaluate") == 3, count
     assert ("vregion-sweep", "COMPLETED") in seen
 
 
@@ -153,6 +155,34 @@ def test_report_numbers_are_the_committed_metrics(swept):
     pruning = next(c for k, c in claims.items() if k.startswith("Pruning outside the region"))
     # decided on the per-question answers each experiment committed (paired bootstrap)
     assert "all-layer minus region-tuned drop" in pruning["ours"] and "95% CI" in pruning["ours"]
+
+
+@pytest.mark.slow  # the `swept` fixture runs a real sweep (minutes)
+def test_another_machine_gets_the_finished_runs_and_reruns_none(swept, tmp_path):
+    """`dvc exp push` to a git remote (outputs to a DVC remote), then a fresh clone elsewhere
+    with `dvc pull` and `dvc exp pull`: the sweep there finds every run finished and runs none,
+    and its report decides the claims from the same per-question results."""
+    repo, _, _, _ = swept
+    origin, store, clone = tmp_path / "origin.git", tmp_path / "dvc-store", tmp_path / "clone"
+    run(["git", "init", "-q", "--bare", str(origin)], tmp_path)
+    run(["git", "push", "-q", str(origin), "HEAD:refs/heads/main"], repo)
+    run([*DVC, "remote", "add", "--local", "-d", "store", str(store)], repo)
+    run([*DVC, "push", "-q"], repo, timeout=300)  # the shared stages' outputs
+    run([*DVC, "exp", "push", "-A", str(origin)], repo, timeout=300)
+    run(["git", "clone", "-q", "-b", "main", str(origin), str(clone)], tmp_path)
+    run([*DVC, "remote", "add", "--local", "-d", "store", str(store)], clone)
+    site = str(clone / ".dvc" / "site_cache")
+    run([*DVC, "config", "--local", "core.site_cache_dir", site], clone)
+    run([*DVC, "pull", "-q"], clone, timeout=300)
+    run([*DVC, "exp", "pull", "-A", str(origin)], clone, timeout=300)
+    env = pipeline_env(clone)
+    env["PYTHONPATH"] = str(ROOT)
+    sweep = [sys.executable, "-m", "flows.sweep", "run", "--repo", str(clone)]
+    again = run([*sweep, "--sweeps", "sizes", "pruning"], clone, env, timeout=600)
+    assert "3 runs: 3 finished, 0 to run" in again, again[-3000:]
+    theirs = json.loads((repo / "results" / "comparison.json").read_text())
+    ours = json.loads((clone / "results" / "comparison.json").read_text())
+    assert ours["runs"] == theirs["runs"] and ours["claims"] == theirs["claims"]
 
 
 @pytest.mark.slow  # the `swept` fixture runs a real sweep (minutes)
