@@ -17,7 +17,6 @@ figures in metrics/eval.json are read from those results files.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -27,7 +26,6 @@ from prefect import flow, task
 from stages._common import run_stage, write_csv, write_json
 from vregion.config import ConfigError, Params, load_params
 from vregion.data.dataset import balanced_parts, balanced_set, part_to_dict, resolve_mix
-from vregion.data.text_skill import read_text_set
 from vregion.devices import pick_device, resolve_precision
 from vregion.eval import harness as hx
 from vregion.eval.checkpoint import (
@@ -117,76 +115,17 @@ def run_harnesses(
     llm_exports: str,
     harness_dir: str,
 ) -> dict:
-    """Each requested, installed harness on every model: `{model: {harness: {task: {metric:
-    value}}}}`, each figure read from the results file the harness wrote (recorded in
-    `status[harness]["results_files"]`). Raises HarnessError at the first task without one.
-    Each model's LLM is exported under `llm_exports`, each harness's files go under
-    `harness_dir`/<model>/<harness>."""
-    import torch
-
-    cuda = torch.cuda.is_available()
-    out: dict[str, dict] = {name: {} for name in models}
-    exports = {}
-    for harness in ("lm_eval", "lmms_eval"):
-        cfg, st = getattr(p.evaluate, harness), status[harness]
-        if st["status"].startswith("not installed"):
-            print(f"{harness} is {st['status']}: its tasks {cfg.tasks} are not measured")
-        if st["status"] == "ran":
-            st["results_files"] = {}
-    # Model by model, so a failing task stops the stage after one model's runs, not three.
-    for name, checkpoint in models.items():
-        for harness in ("lm_eval", "lmms_eval"):
-            cfg, st = getattr(p.evaluate, harness), status[harness]
-            if st["status"] != "ran":
-                continue
-            workdir = Path(harness_dir) / name / harness
-            shutil.rmtree(workdir, ignore_errors=True)
-            if harness == "lm_eval":
-                target = Path(llm_exports) / name
-                shutil.rmtree(target, ignore_errors=True)
-                exports[name] = hx.export_llm(checkpoint, target)
-                model_args = {"pretrained": str(target.resolve())}
-                if hx.TEXT_MC_TASK in cfg.tasks:
-                    from transformers import AutoTokenizer
-
-                    hx.write_text_mc_data(
-                        read_text_set(text_items(data)),
-                        AutoTokenizer.from_pretrained(target),
-                        p.model.system_prompt,
-                        workdir / f"{hx.TEXT_MC_TASK}.jsonl",
-                    )
-            else:
-                model_args = {"pretrained": str(Path(checkpoint).resolve())}
-                if not cuda:
-                    model_args["device_map"] = "cpu"  # llava_hf puts the model on CUDA otherwise
-                if hx.VQA_TASK in cfg.tasks:
-                    hx.write_vqa_data(next(iter(sets.values())), workdir / f"{hx.VQA_TASK}.jsonl")
-            extra = ["--device", "cuda" if cuda else "cpu", *cfg.extra_args]
-            if cfg.num_fewshot is not None:
-                extra += ["--num_fewshot", str(cfg.num_fewshot)]
-            print(f"{harness} on {name}: {', '.join(cfg.tasks)}")
-            run = hx.run_harness(
-                harness,
-                cfg.model or ("hf" if harness == "lm_eval" else "llava_hf"),
-                {**model_args, **cfg.model_args},
-                cfg.tasks,
-                workdir,
-                include_paths=[str(Path(d).resolve()) for d in cfg.include_path],
-                limit=cfg.limit,
-                batch_size=cfg.batch_size,
-                threads=cfg.threads or hx.default_threads(),
-                offline=cfg.offline,
-                extra_args=extra,
-                timeout=cfg.timeout_s,
-            )
-            st["results_files"][name] = os.path.relpath(run["results_file"])
-            out[name][harness] = {
-                task: {**figures, "n": run["samples"][task]}
-                for task, figures in run["results"].items()
-            }
-    Path(llm_exports).mkdir(parents=True, exist_ok=True)
-    write_json(Path(llm_exports) / "exports.json", exports)
-    return out
+    """The field's harnesses on every model; figures read from their results files."""
+    return hx.run_harnesses(
+        p.evaluate,
+        p.model.system_prompt,
+        models,
+        sets,
+        status,
+        text_items(data),
+        llm_exports,
+        harness_dir,
+    )
 
 
 @flow(name="evaluate", log_prints=True)

@@ -15,7 +15,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_harness_that_cannot_run_is_reported_and_gives_no_figure(monkeypatch, tmp_path):
-    from stages.evaluate import run_harnesses
     from vregion.report import harness_section
 
     monkeypatch.setitem(hx.NEEDS, "lmms_eval", ["lmms_eval", "no_such_module_here"])
@@ -25,7 +24,10 @@ def test_a_harness_that_cannot_run_is_reported_and_gives_no_figure(monkeypatch, 
     assert status["lmms_eval"]["status"] == "not installed (no_such_module_here missing)"
     monkeypatch.setitem(hx.NEEDS, "lm_eval", ["no_such_module_here"])
     status = hx.harness_status(p.evaluate)
-    ran = run_harnesses.fn(p, {"tuned": "tuned"}, {}, status, "data", "llm", "harness")
+    text = "data/text/text_skill.jsonl"
+    ran = hx.run_harnesses(
+        p.evaluate, p.model.system_prompt, {"tuned": "tuned"}, {}, status, text, "llm", "harness"
+    )
     assert ran == {"tuned": {}}
     assert json.loads(Path("llm/exports.json").read_text()) == {}
     section = harness_section({"harnesses": status, "models": {"tuned": {}}})

@@ -23,15 +23,19 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-from vregion.config import ConfigError
+from vregion.config import ConfigError, EvaluateConfig
+
+log = logging.getLogger(__name__)
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 TEXT_MC_TASK = "vregion_text_mc"
@@ -298,6 +302,90 @@ def _tail(path: Path, n: int = 25) -> str:
     text = path.read_text(errors="replace") if path.exists() else ""
     lines = re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines()  # loguru's colours
     return "\n".join(lines[-n:])
+
+
+def run_harnesses(
+    evaluate: EvaluateConfig,
+    system_prompt: str,
+    models: dict[str, str],
+    sets: dict,
+    status: dict,
+    text_items: str,
+    llm_exports: str,
+    harness_dir: str,
+) -> dict:
+    """Each requested, installed harness on every model: `{model: {harness: {task: {metric:
+    value}}}}`, each figure read from the results file the harness wrote (recorded in
+    `status[harness]["results_files"]`). Raises HarnessError at the first task without one.
+    Each model's LLM is exported under `llm_exports`, each harness's files go under
+    `harness_dir`/<model>/<harness>. `evaluate` is the stage's `EvaluateConfig`, `status`
+    `harness_status(evaluate)`, `sets` the held-out parts (the first feeds `vregion_vqa`),
+    `text_items` the text-skill JSONL (it feeds `vregion_text_mc`)."""
+    cuda = torch.cuda.is_available()
+    out: dict[str, dict] = {name: {} for name in models}
+    exports = {}
+    for harness in ("lm_eval", "lmms_eval"):
+        cfg, st = getattr(evaluate, harness), status[harness]
+        if st["status"].startswith("not installed"):
+            log.info("%s is %s: its tasks %s are not measured", harness, st["status"], cfg.tasks)
+        if st["status"] == "ran":
+            st["results_files"] = {}
+    # Model by model, so a failing task stops the stage after one model's runs, not three.
+    for name, checkpoint in models.items():
+        for harness in ("lm_eval", "lmms_eval"):
+            cfg, st = getattr(evaluate, harness), status[harness]
+            if st["status"] != "ran":
+                continue
+            workdir = Path(harness_dir) / name / harness
+            shutil.rmtree(workdir, ignore_errors=True)
+            if harness == "lm_eval":
+                target = Path(llm_exports) / name
+                shutil.rmtree(target, ignore_errors=True)
+                exports[name] = export_llm(checkpoint, target)
+                model_args = {"pretrained": str(target.resolve())}
+                if TEXT_MC_TASK in cfg.tasks:
+                    from transformers import AutoTokenizer
+
+                    from vregion.data.text_skill import read_text_set
+
+                    write_text_mc_data(
+                        read_text_set(text_items),
+                        AutoTokenizer.from_pretrained(target),
+                        system_prompt,
+                        workdir / f"{TEXT_MC_TASK}.jsonl",
+                    )
+            else:
+                model_args = {"pretrained": str(Path(checkpoint).resolve())}
+                if not cuda:
+                    model_args["device_map"] = "cpu"  # llava_hf puts the model on CUDA otherwise
+                if VQA_TASK in cfg.tasks:
+                    write_vqa_data(next(iter(sets.values())), workdir / f"{VQA_TASK}.jsonl")
+            extra = ["--device", "cuda" if cuda else "cpu", *cfg.extra_args]
+            if cfg.num_fewshot is not None:
+                extra += ["--num_fewshot", str(cfg.num_fewshot)]
+            log.info("%s on %s: %s", harness, name, ", ".join(cfg.tasks))
+            run = run_harness(
+                harness,
+                cfg.model or ("hf" if harness == "lm_eval" else "llava_hf"),
+                {**model_args, **cfg.model_args},
+                cfg.tasks,
+                workdir,
+                include_paths=[str(Path(d).resolve()) for d in cfg.include_path],
+                limit=cfg.limit,
+                batch_size=cfg.batch_size,
+                threads=cfg.threads or default_threads(),
+                offline=cfg.offline,
+                extra_args=extra,
+                timeout=cfg.timeout_s,
+            )
+            st["results_files"][name] = os.path.relpath(run["results_file"])
+            out[name][harness] = {
+                task: {**figures, "n": run["samples"][task]}
+                for task, figures in run["results"].items()
+            }
+    Path(llm_exports).mkdir(parents=True, exist_ok=True)
+    (Path(llm_exports) / "exports.json").write_text(json.dumps(exports, indent=2) + "\n")
+    return out
 
 
 def harness_status(evaluate) -> dict:
