@@ -14,6 +14,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -124,18 +125,25 @@ def evaluate_isolated(job: EvalJob) -> dict:
 
 
 def _preload(checkpoint: str) -> list[str]:
-    """Modules the forkserver imports: the caller's main module (a stage run with `python -m`
-    is re-run by name in each child: cheap once its imports are loaded), this module, and the
-    modeling and processing code of the checkpoint's model types (transformers loads them
-    lazily, ~3 s on 2 cores). A name that does not exist is skipped by the server."""
+    """Modules the forkserver imports: the caller's main module, or for `python -m stages.X`
+    the modules it imports (each child re-runs a module run with -m by name, and runpy warns
+    if that module is already imported; its imports loaded, the re-run is cheap), this module,
+    and the modeling and processing code of the checkpoint's model types (transformers loads
+    them lazily, ~3 s on 2 cores). The server skips a name that does not exist."""
     from transformers.models.auto.configuration_auto import model_type_to_module_name
 
-    main = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None)
-    modules = ["__main__", *([main] if main else []), __name__]
+    modules = ["__main__"]
+    main = sys.modules.get("__main__")
+    if getattr(getattr(main, "__spec__", None), "name", None):
+        imported = {_module_of(v) for v in vars(main).values()}
+        modules += sorted(m for m in imported if isinstance(m, str) and not m.startswith("_"))
+    modules.append(__name__)
     try:
         config = json.loads((Path(checkpoint) / "config.json").read_text())
     except (OSError, ValueError):
-        return modules  # not a local checkpoint: evaluate_checkpoint reports what is wrong
+        return list(
+            dict.fromkeys(modules)
+        )  # not a local checkpoint: evaluate_checkpoint reports what is wrong
     types = [config.get("model_type")]
     types += [(config.get(k) or {}).get("model_type") for k in ("text_config", "vision_config")]
     for model_type in filter(None, types):
@@ -144,7 +152,11 @@ def _preload(checkpoint: str) -> list[str]:
             f"transformers.models.{name}.{kind}_{name}"
             for kind in ("modeling", "processing", "image_processing", "image_processing_pil")
         ]
-    return modules
+    return list(dict.fromkeys(modules))
+
+
+def _module_of(value) -> str | None:
+    return value.__name__ if isinstance(value, ModuleType) else getattr(value, "__module__", None)
 
 
 def checkpoint_exists(path: str | Path) -> bool:
