@@ -271,7 +271,7 @@ def test_smollm2_knows_clearly_more_than_chance(tokenizer):
     model = AutoModelForCausalLM.from_pretrained(
         str(_gguf_dir()), gguf_file=GGUF_FILE, dtype=torch.float32
     )
-    items = build_text_set(140, seed=0)
+    items = build_text_set(70, seed=0)
     result = score_text_skill(model, tokenizer, items, SYSTEM, batch_size=16)
     print({k: v for k, v in result.items()})
     assert 0.4 <= result["mc_accuracy"] < 0.95
