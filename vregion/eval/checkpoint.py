@@ -141,9 +141,7 @@ def _preload(checkpoint: str) -> list[str]:
     try:
         config = json.loads((Path(checkpoint) / "config.json").read_text())
     except (OSError, ValueError):
-        return list(
-            dict.fromkeys(modules)
-        )  # not a local checkpoint: evaluate_checkpoint reports what is wrong
+        config = {}  # not a local checkpoint: evaluate_checkpoint reports what is wrong
     types = [config.get("model_type")]
     types += [(config.get(k) or {}).get("model_type") for k in ("text_config", "vision_config")]
     for model_type in filter(None, types):
