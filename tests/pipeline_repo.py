@@ -148,12 +148,13 @@ def init_git_dvc(repo: Path) -> Path:
     run(["git", "config", "user.email", "t@example.com"], repo)
     run(["git", "config", "user.name", "t"], repo)
     run([*DVC, "init", "-q"], repo)
-    _site_cache_here(repo)
+    own_site_cache(repo)
     return repo
 
 
-def _site_cache_here(repo: Path) -> None:
-    # in the git-ignored local config: a copied repo points it at its own directory
+def own_site_cache(repo: Path) -> None:
+    """DVC's site cache inside `repo`, in the git-ignored local config (so a copy or a clone
+    points it at its own directory)."""
     site = str(repo / ".dvc" / "site_cache")
     run([*DVC, "config", "--local", "core.site_cache_dir", site], repo)
 
@@ -176,7 +177,7 @@ class BuiltPipeline:
     def clone(self, dest: Path) -> Path:
         """A copy of the built, committed repo (git, DVC cache and outputs; no Prefect state)."""
         shutil.copytree(self.snapshot, dest, symlinks=True, dirs_exist_ok=True)
-        _site_cache_here(dest)
+        own_site_cache(dest)
         return dest
 
 

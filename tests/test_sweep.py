@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import yaml
-from pipeline_repo import DVC, ROOT, pipeline_env, run
+from pipeline_repo import DVC, ROOT, own_site_cache, pipeline_env, run
 
 from vregion.sweep.plan import plan_runs
 
@@ -171,8 +171,7 @@ def test_another_machine_gets_the_finished_runs_and_reruns_none(swept, tmp_path)
     run([*DVC, "exp", "push", "-A", str(origin)], repo, timeout=300)
     run(["git", "clone", "-q", "-b", "main", str(origin), str(clone)], tmp_path)
     run([*DVC, "remote", "add", "--local", "-d", "store", str(store)], clone)
-    site = str(clone / ".dvc" / "site_cache")
-    run([*DVC, "config", "--local", "core.site_cache_dir", site], clone)
+    own_site_cache(clone)
     run([*DVC, "pull", "-q"], clone, timeout=300)
     run([*DVC, "exp", "pull", "-A", str(origin)], clone, timeout=300)
     env = pipeline_env(clone)
