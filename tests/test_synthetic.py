@@ -97,15 +97,21 @@ def test_patch_labels_mark_every_object_and_nothing_else(image_size, patch_size)
     grid = image_size // patch_size
     for scene in generate_scenes(40, seed=4, image_size=image_size, max_objects=3):
         labels = patch_labels(scene, image_size, patch_size)
-        assert set(labels) == {"color", "shape", "size"}
-        for name, classes in (("color", COLORS), ("shape", SHAPES), ("size", SIZES)):
+        assert set(labels) == {"color", "shape", "size", "center_x", "center_y"}
+        bins = range(synthetic.POSITION_BINS)
+        for name, classes in (
+            ("color", COLORS),
+            ("shape", SHAPES),
+            ("size", SIZES),
+            ("center_x", bins),
+            ("center_y", bins),
+        ):
             assert labels[name].shape == (grid * grid,)
             assert labels[name].min() >= 0 and labels[name].max() <= len(classes)
-        # Object patches carry all three labels, background patches none.
+        # Object patches carry every label, background patches none.
         is_object = labels["color"] > 0
-        assert ((labels["shape"] > 0) == is_object).all() and (
-            (labels["size"] > 0) == is_object
-        ).all()
+        for name in ("shape", "size", "center_x", "center_y"):
+            assert ((labels[name] > 0) == is_object).all(), name
         masks = object_masks(scene)
         for obj, mask in zip(scene.objects, masks, strict=True):
             color_id = COLORS.index(obj.color) + 1
@@ -136,6 +142,30 @@ def test_patch_labels_take_the_object_covering_most_of_the_patch():
     assert color[1, 1] == 0  # 16 red pixels: 6% of the patch, 4% of the object
     assert color[0, 2] == 0  # 24 blue pixels: 9% of the patch, 17% of the object
     assert color[2:].sum() == 0
+
+
+def test_patch_labels_give_every_patch_of_an_object_its_centre():
+    # A large square across four patches, centred at (20, 44): bin 2 of 8 across, bin 5 down.
+    # A small one at the top right, centred at (55, 9): bins 6 and 1.
+    scene = Scene(
+        image_size=64,
+        max_objects=3,
+        objects=[
+            synthetic.SceneObject("square", "red", "large", (8, 32, 32, 56)),
+            synthetic.SceneObject("square", "blue", "small", (49, 3, 61, 15)),
+        ],
+    )
+    labels = patch_labels(scene, 64, 16)
+    red = labels["color"] == COLORS.index("red") + 1
+    blue = labels["color"] == COLORS.index("blue") + 1
+    assert red.sum() == 4 and blue.sum() == 1
+    assert (labels["center_x"][red] == 2 + 1).all() and (labels["center_y"][red] == 5 + 1).all()
+    assert (labels["center_x"][blue] == 6 + 1).all() and (labels["center_y"][blue] == 1 + 1).all()
+    assert (labels["center_x"][~(red | blue)] == 0).all()
+    # The same object moved to the left half gets a different centre and the same colour.
+    scene.objects[0].bbox = (0, 32, 24, 56)
+    moved = patch_labels(scene, 64, 16)
+    assert (moved["center_x"][moved["color"] == COLORS.index("red") + 1] == 1 + 1).all()
 
 
 def test_captions_are_short_and_name_every_object():

@@ -35,6 +35,10 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 """Shape names; class id of `SHAPES[i]` in `patch_labels` is i + 1 (0 is background)."""
 SIZES: tuple[str, ...] = ("small", "large")
 """Size names; class id of `SIZES[i]` in `patch_labels` is i + 1 (0 is background)."""
+POSITION_BINS = 8
+"""Bins per axis of an object's centre in `patch_labels` (`center_x`, `center_y`): bin b is class
+b + 1 (0 is background). 8 bins of 8 px at 64 px: fine enough to order two objects that a
+relation question calls clearly apart."""
 KINDS: tuple[str, ...] = ("color", "shape", "count", "position", "relation", "size")
 """Question kinds, in the order they are reported."""
 NUMBER_WORDS: tuple[str, ...] = ("one", "two", "three", "four", "five", "six")
@@ -237,17 +241,21 @@ def _check_size(scene: Scene, image_size: int | None) -> int:
 def patch_labels(
     scene: Scene, image_size: int | None = None, patch_size: int = 16, min_cover: float = 0.15
 ) -> dict[str, np.ndarray]:
-    """Per-patch class ids for `color`, `shape` and `size`, flat in row-major (ViT) patch order.
+    """Per-patch class ids for `color`, `shape`, `size` and where the object's centre lies
+    (`center_x`, `center_y`: `POSITION_BINS` bins per axis), flat in row-major (ViT) patch order.
 
     A patch takes the classes of the object covering most of its pixels; it is background (0)
     when that object covers less than `min_cover` of the patch, unless the patch holds at least
-    a quarter of the object: a small object split over four patches must not vanish.
+    a quarter of the object: a small object split over four patches must not vanish. Every
+    patch of an object carries the object's centre, not its own place: a question about where
+    "the red circle" is can then read the answer off any of the circle's patches.
     """
     size = _check_size(scene, image_size)
     if size % patch_size:
         raise ValueError(f"image_size {size} is not a multiple of patch_size {patch_size}")
     grid = size // patch_size
-    labels = {k: np.zeros(grid * grid, dtype=np.int64) for k in ("color", "shape", "size")}
+    names = ("color", "shape", "size", "center_x", "center_y")
+    labels = {k: np.zeros(grid * grid, dtype=np.int64) for k in names}
     if not scene.objects:
         return labels
     masks = object_masks(scene)
@@ -265,7 +273,14 @@ def patch_labels(
     ):
         ids = np.array([classes.index(getattr(o, attr)) + 1 for o in scene.objects])
         labels[name] = np.where(keep, ids[best], 0).astype(np.int64)
+    for name, axis in (("center_x", 0), ("center_y", 1)):
+        ids = np.array([_position_bin(o.center[axis], size) + 1 for o in scene.objects])
+        labels[name] = np.where(keep, ids[best], 0).astype(np.int64)
     return labels
+
+
+def _position_bin(coordinate: float, image_size: int) -> int:
+    return min(POSITION_BINS - 1, int(coordinate * POSITION_BINS / image_size))
 
 
 # ---------------------------------------------------------------------------------------------
