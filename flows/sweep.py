@@ -2,6 +2,7 @@
 
     python -m flows.sweep run                       # every sweep (hours on 2 cores)
     python -m flows.sweep run --sweeps sizes        # one sweep
+    python -m flows.sweep run --runs all-layers uniform --seeds 3   # one claim's runs first
     python -m flows.sweep plan                      # the runs and their params; runs nothing
     python -m flows.sweep report                    # the report from the runs finished so far
 
@@ -122,13 +123,15 @@ def sweep(
     jobs: int = 1,
     run: bool = True,
     seeds: int = 1,
+    only: list[str] | None = None,
 ) -> dict:
     """Run the sweeps (default: all) as DVC experiments and write results/comparison.md.
 
     repo: the DVC repo. sweeps: any of strategies, sizes, pruning. jobs: experiments run at a
     time (1 on a 2-core machine). run: False only rebuilds the report from finished runs.
     seeds: training seeds of the runs the claims compare (`vregion.sweep.plan.SEEDED`).
-    Returns {"finished": [...], "missing": [...], "report": path}.
+    only: run names to keep (with their seed repeats); the report still shows every finished
+    run of the sweeps. Returns {"finished": [...], "missing": [...], "report": path}.
     """
     path = Path(repo).resolve()
     shape = shared_stages(str(path)) if run else _shape_from_scores(path)
@@ -137,11 +140,12 @@ def sweep(
     # image and text halves of multimodal_block_influence)
     scorers = [x for x in base_params["probe"]["scorers"] if x in shape["scorers"]]
     runs = plan_runs(shape["num_layers"], scorers, sweeps, seeds)
+    wanted = {r.name for r in plan_runs(shape["num_layers"], scorers, sweeps, seeds, only)}
     files = metric_files(path)  # dvc.yaml, read once
     # `run` reuses only this commit's experiments (older ones rerun, their stages mostly from
     # the DVC run-cache); `report` shows the newest finished run of each, whatever its commit.
     done = finished(path, runs, base_params, files, any_baseline=not run)
-    todo = [r for r in runs if r.name not in done]
+    todo = [r for r in runs if r.name not in done and r.name in wanted]
     print(f"{len(runs)} runs: {len(done)} finished, {len(todo)} to run")
     if run and todo:
         # the experiments are queued on this commit; a commit made while they run must not
@@ -163,7 +167,7 @@ def sweep(
         markdown=report.read_text(), key="vregion-comparison", description="the sweep's report"
     )
     missing = [r.name for r in runs if r.name not in done]
-    if run and missing:
+    if run and set(missing) & wanted:
         raise PipelineError(f"runs that did not finish: {missing} (see the log above)")
     return {"finished": sorted(done), "missing": missing, "report": str(report)}
 
@@ -199,6 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
             default=1,
             help="training seeds of the runs the claims compare (default 1; 3 gives a spread)",
         )
+        if name != "report":
+            p.add_argument(
+                "--runs",
+                nargs="+",
+                metavar="NAME",
+                help="only these runs (names as `plan` prints them) and their seed repeats, "
+                "e.g. --runs all-layers uniform",
+            )
         if name == "run":
             p.add_argument("--jobs", type=int, default=1, help="experiments at a time (default 1)")
     return parser
@@ -212,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             shape = _shape_from_scores(repo)
             asked = yaml.safe_load((repo / "params.yaml").read_text())["probe"]["scorers"]
             scorers = [x for x in asked if x in shape["scorers"]]
-            for r in plan_runs(shape["num_layers"], scorers, args.sweeps, args.seeds):
+            for r in plan_runs(shape["num_layers"], scorers, args.sweeps, args.seeds, args.runs):
                 labels = ", ".join(f"{s}/{label}" for s, label in r.labels)
                 print(f"{r.name:<32} {labels}\n{'':<32} -S " + " -S ".join(r.set_params()))
             return 0
@@ -222,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
             jobs=getattr(args, "jobs", 1),
             run=args.command == "run",
             seeds=args.seeds,
+            only=getattr(args, "runs", None),
         )
-    except (PipelineError, FileNotFoundError) as err:
+    except (PipelineError, FileNotFoundError, ValueError) as err:
         print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 1
     print(

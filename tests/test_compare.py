@@ -280,3 +280,21 @@ def test_more_seeds_repeat_the_runs_the_claims_compare():
     assert {r.name.rsplit("-s", 1)[0] for r in repeats} == set(SEEDED)
     assert {r.overrides["finetune.seed"] for r in repeats} == {1, 2}
     assert all("finetune.seed" not in r.overrides for r in one)
+
+
+def test_a_claim_s_runs_can_go_first():
+    from vregion.sweep.plan import plan_runs
+
+    runs = plan_runs(30, ["angular_distance"], seeds=3, only=["uniform", "all-layers"])
+    assert [r.name for r in runs] == [
+        "all-layers",
+        "uniform",
+        "all-layers-s1",
+        "uniform-s1",
+        "all-layers-s2",
+        "uniform-s2",
+    ]
+    everything = {r.name: r for r in plan_runs(30, ["angular_distance"], seeds=3)}
+    assert all(r.overrides == everything[r.name].overrides for r in runs)
+    with pytest.raises(ValueError, match="no run named unifrom in these sweeps; valid: all-layers, uniform, "):
+        plan_runs(30, [], only=["unifrom"])

@@ -48,6 +48,11 @@ def test_tower_pretraining_learns_colour(tiny_embedded_dir):
     # 20 steps are enough to move colour far above both the random tower and chance.
     assert tower["color_accuracy"] > tower["before_color_accuracy"] + 0.2
     assert tower["color_accuracy"] > tower["chance_color_accuracy"] + 0.2
+    # where each object is: trained too (the full 600 steps reach ~0.94 on 8 bins per axis)
+    for axis in ("x", "y"):
+        assert 0 <= tower[f"center_{axis}_accuracy"] <= 1
+        assert f"before_center_{axis}_accuracy" in tower
+    assert tower["chance_center_accuracy"] == 1 / 8
 
 
 @pytest.mark.slow

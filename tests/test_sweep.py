@@ -11,6 +11,7 @@ reuses every finished run.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import pytest
@@ -197,3 +198,15 @@ def test_rerun_reuses_every_finished_run(swept):
     report = [sys.executable, "-m", "flows.sweep", "report", "--repo", str(repo)]
     shown = run([*report, "--sweeps", "sizes", "pruning"], repo, env)
     assert "finished: 3, missing: []" in shown
+    # `--runs` picks one claim's runs (with their seed repeats) out of the plan
+    plan = [sys.executable, "-m", "flows.sweep", "plan", "--repo", str(repo)]
+    picked = run([*plan, "--runs", "uniform-2", "--seeds", "2"], repo, env)
+    assert [line.split()[0] for line in picked.splitlines() if not line[0].isspace()] == [
+        "uniform-2",
+        "uniform-2-s1",
+    ]
+    assert "finetune.seed=1" in picked
+    wrong = subprocess.run(
+        [*plan, "--runs", "uniform-3"], cwd=repo, env=env, capture_output=True, text=True
+    )
+    assert wrong.returncode == 1 and "no run named uniform-3" in wrong.stderr

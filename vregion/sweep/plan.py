@@ -72,12 +72,18 @@ def _name(text: str) -> str:
 
 
 def plan_runs(
-    num_layers: int, scorers: Sequence[str], sweeps: Sequence[str] | None = None, seeds: int = 1
+    num_layers: int,
+    scorers: Sequence[str],
+    sweeps: Sequence[str] | None = None,
+    seeds: int = 1,
+    only: Sequence[str] | None = None,
 ) -> list[Run]:
     """The runs of `sweeps` (default: all three) for an LLM of `num_layers` layers whose probe
     ran `scorers`, deduplicated: a run shared by several sweeps appears once, with every label.
     `seeds` > 1 repeats the `SEEDED` runs with `finetune.seed` 1 .. seeds-1 (named `<run>-s<k>`,
-    queued after every first-seed run), so each claim has a spread over training seeds."""
+    queued after every first-seed run), so each claim has a spread over training seeds.
+    `only` keeps the runs of these names (and their seed repeats): the few runs one claim
+    needs, e.g. `["all-layers", "uniform"]` for retention, before the hours the rest take."""
     if seeds < 1:
         raise ValueError(f"seeds must be at least 1, got {seeds}")
     unknown = set(sweeps or ()) - set(SWEEPS)
@@ -140,6 +146,14 @@ def plan_runs(
     first = ["all-layers", "uniform", "bottom", "top", "uniform-1", "uniform-2", "uniform-4"]
     rank = {name: i for i, name in enumerate(first)}
     planned = sorted(runs.values(), key=lambda r: rank.get(r.name, len(first)))
+    if only:
+        unknown = sorted(set(only) - set(runs))
+        if unknown:
+            raise ValueError(
+                f"no run named {', '.join(unknown)} in these sweeps; valid: "
+                + ", ".join(r.name for r in planned)
+            )
+        planned = [r for r in planned if r.name in only]
     repeats = [
         Run(f"{r.name}-s{k}", {**r.overrides, "finetune.seed": k}, list(r.labels), seed=k)
         for k in range(1, seeds)
