@@ -26,6 +26,7 @@ def row(label: str, accuracy: float, n: int, size: int, layers: int = 30, **extr
         "label": label,
         "accuracy": accuracy,
         "accuracy_se": round(standard_error(accuracy, n), 4),
+        "n": n,
         "region_size": size,
         "num_layers": layers,
         "seconds_per_step": 1.0 if size == layers else 0.7,
@@ -282,6 +283,41 @@ def test_more_seeds_repeat_the_runs_the_claims_compare():
     assert all("finetune.seed" not in r.overrides for r in one)
 
 
+def test_the_kind_table_marks_kinds_a_model_cannot_see():
+    from vregion.sweep.compare import _kind_table
+
+    chance = {"color": 1 / 6, "relation": 0.5}
+    seeds = [
+        row(
+            "all",
+            0.7,
+            800,
+            30,
+            run="all-layers",
+            rev="r",
+            chance_per_kind=chance,
+            per_kind={"color": c, "relation": r},
+        )
+        for c, r in ((0.90, 0.60), (0.80, 0.70))
+    ]
+    both = combine_seeds(seeds)
+    assert both["per_kind"] == {"color": pytest.approx(0.85), "relation": pytest.approx(0.65)}
+    blind = row(
+        "uniform",
+        0.5,
+        800,
+        8,
+        run="uniform",
+        chance_per_kind=chance,
+        per_kind={"color": 0.31, "relation": 0.52},
+    )
+    table = _kind_table({"strategies": {"all layers": both, "uniform": blind}})
+    assert "| chance | 0.167 | 0.500 |" in table
+    assert "| all-layers | 0.850 | 0.650 |" in table  # 0.15 above chance on both: no mark
+    assert "| uniform | 0.310 ✗ | 0.520 ✗ |" in table
+    assert "about 400 questions per seed" in table
+
+
 def test_a_claim_s_runs_can_go_first():
     from vregion.sweep.plan import plan_runs
 
@@ -296,5 +332,7 @@ def test_a_claim_s_runs_can_go_first():
     ]
     everything = {r.name: r for r in plan_runs(30, ["angular_distance"], seeds=3)}
     assert all(r.overrides == everything[r.name].overrides for r in runs)
-    with pytest.raises(ValueError, match="no run named unifrom in these sweeps; valid: all-layers, uniform, "):
+    with pytest.raises(
+        ValueError, match="no run named unifrom in these sweeps; valid: all-layers, uniform, "
+    ):
         plan_runs(30, [], only=["unifrom"])

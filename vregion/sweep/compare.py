@@ -65,6 +65,7 @@ def run_row(
         "blind": visual["overall"]["blind"],
         "n": n,
         "per_kind": {k: v["accuracy"] for k, v in visual.items() if k != "overall"},
+        "chance_per_kind": {k: v.get("chance") for k, v in visual.items() if k != "overall"},
         "text_mc_accuracy": text.get("mc_accuracy"),
         "text_mc_vs_base": text.get("mc_accuracy_vs_base"),
         "text_nll_vs_base": text.get("answer_nll_vs_base"),
@@ -127,6 +128,8 @@ def combine_seeds(rows: Sequence[dict]) -> dict:
         "accuracy_seeds": accs,
         "accuracy_sd": round(statistics.stdev(accs), 4),
     }
+    kinds = [k for k in first.get("per_kind", {}) if all(k in r.get("per_kind", {}) for r in rows)]
+    out["per_kind"] = {k: round(statistics.fmean(r["per_kind"][k] for r in rows), 4) for k in kinds}
     for key in (
         "blind",
         "text_mc_accuracy",
@@ -638,6 +641,8 @@ def comparison_markdown(
     if missing:
         parts.append(f"**Not finished yet:** {', '.join(missing)} (rerun the command to complete).")
     parts += ["## The paper's claims", _claims_table(claim_rows), f"Paper figures: {PAPER_SOURCE}."]
+    if kinds := _kind_table(by_label):
+        parts += ["## Accuracy per question kind", kinds]
     for sweep, rows in by_label.items():
         if not rows:
             continue
@@ -667,6 +672,38 @@ def _claims_table(rows: Sequence[dict]) -> str:
         return "_No claim can be checked yet: the runs it needs have not finished._"
     lines = ["| claim | paper | ours | verdict |", "|---|---|---|---|"]
     lines += [f"| {r['claim']} | {r['paper']} | {r['ours']} | **{r['verdict']}** |" for r in rows]
+    return "\n".join(lines)
+
+
+KIND_MARGIN = 0.15
+"""A question kind counts as seen when a model scores at least this far above its chance level."""
+
+
+def _kind_table(by_label: Mapping[str, Mapping[str, dict]]) -> str:
+    """Each run's accuracy per question kind (seed means) beside chance, so a kind the model
+    cannot see (near chance for every run) shows before any claim is read from the totals."""
+    rows = {r["run"]: r for group in by_label.values() for r in group.values()}
+    kinds = sorted({k for r in rows.values() for k in r.get("per_kind", {})})
+    if not kinds:
+        return ""
+    chance = {
+        k: next((r["chance_per_kind"][k] for r in rows.values() if r.get("chance_per_kind")), None)
+        for k in kinds
+    }
+    lines = ["| run | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    lines.append("| chance | " + " | ".join(_fmt(chance[k], ".3f") for k in kinds) + " |")
+    for name, r in rows.items():
+        cells = []
+        for k in kinds:
+            acc = r.get("per_kind", {}).get(k)
+            seen = acc is not None and chance[k] is not None and acc >= chance[k] + KIND_MARGIN
+            cells.append(_fmt(acc, ".3f") + ("" if seen or acc is None else " ✗"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    n = min(r["n"] for r in rows.values()) // len(kinds)
+    lines.append(
+        f"\n✗: less than {KIND_MARGIN:g} above chance. Each kind has about {n} questions per "
+        f"seed (one binomial s.e. up to {standard_error(0.5, max(n, 1)):.3f})."
+    )
     return "\n".join(lines)
 
 
