@@ -77,6 +77,8 @@ def test_same_seed_same_interval_and_ratio_is_retention():
     assert first.estimate == pytest.approx(b.mean() / a.mean())
     assert first.low < first.estimate < first.high
     assert str(first).startswith(f"{100 * first.estimate:.1f}% (95% CI ")
+    half = 50 * (first.high - first.low)
+    assert str(first).endswith(f"%, ±{half:.1f} points)")  # the width a claim needs, in points
 
 
 def test_bad_inputs_name_the_problem():

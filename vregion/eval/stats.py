@@ -52,8 +52,10 @@ class Interval:
     def __str__(self) -> str:
         pct = f"{100 * self.level:g}% CI"
         if self.stat == "ratio":
+            half = 50 * (self.high - self.low)  # the interval's half-width, in points
             return (
-                f"{100 * self.estimate:.1f}% ({pct} {100 * self.low:.1f} to {100 * self.high:.1f}%)"
+                f"{100 * self.estimate:.1f}% ({pct} {100 * self.low:.1f} to "
+                f"{100 * self.high:.1f}%, ±{half:.1f} points)"
             )
         return f"{self.estimate:+.3f} ({pct} {self.low:+.3f} to {self.high:+.3f})"
 
