@@ -49,6 +49,16 @@ def test_plan_shares_runs_between_sweeps_and_knows_every_strategy():
         plan_runs(30, [], ["sizes", "nope"])
 
 
+HOLD_DVC_LOCK = (
+    "import time\n"
+    "from dvc.repo import Repo\n"
+    "repo = Repo('.')\n"
+    "repo.lock.lock()\n"
+    "print('locked', flush=True)\n"
+    "time.sleep(120)\n"
+)
+
+
 def _flow_runs(repo, env) -> list[tuple[str, str]]:
     script = (
         "import asyncio\n"
@@ -198,6 +208,17 @@ def test_rerun_reuses_every_finished_run(swept):
     report = [sys.executable, "-m", "flows.sweep", "report", "--repo", str(repo)]
     shown = run([*report, "--sweeps", "sizes", "pruning"], repo, env)
     assert "finished: 3, missing: []" in shown
+    # a report while a sweep runs: `dvc exp run` holds DVC's repo lock the whole time
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_DVC_LOCK], cwd=repo, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        shown = run([*report, "--sweeps", "sizes", "pruning"], repo, env)
+        assert "finished: 3, missing: []" in shown
+    finally:
+        holder.kill()
+        holder.wait()
     # `--runs` picks one claim's runs (with their seed repeats) out of the plan
     plan = [sys.executable, "-m", "flows.sweep", "plan", "--repo", str(repo)]
     picked = run([*plan, "--runs", "uniform-2", "--seeds", "2"], repo, env)

@@ -1,6 +1,7 @@
 """A sweep's finished DVC experiments and what they committed, read through DVC's Python API.
 
-Experiments are listed with `Repo.experiments.ls` (what `dvc exp list` prints), their params
+Experiments are listed from their git refs (`dvc.repo.experiments.utils.exp_refs`, what
+`dvc exp list --all-commits` reads), their params
 with `dvc.api.params_show` and their metrics files with `dvc.api.read`: `dvc.api.metrics_show`
 keeps numbers only, and the report needs the lists too (the region, the pruning curve).
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 import dvc.api
 from dvc.exceptions import DvcException
 from dvc.repo import Repo
+from dvc.repo.experiments.utils import exp_refs
 
 from vregion.eval.questions import parse_question_results
 from vregion.sweep.plan import Run, expected_params
@@ -32,16 +34,17 @@ def experiments(
     `any_baseline`, of any commit, the current commit's first, then the newest. `baseline`: a
     commit other than HEAD (the one a running sweep queued its experiments on)."""
     with Repo(str(repo)) as dvc_repo:
-        head = baseline or dvc_repo.scm.get_rev()
-        listed = dvc_repo.experiments.ls(all_commits=True)
+        scm = dvc_repo.scm
+        head = baseline or scm.get_rev()
+        # the experiments' git refs, read without DVC's repo lock (`experiments.ls` takes it
+        # and a running `dvc exp run` holds it), so a report can be written mid-sweep
+        listed = [(ref.baseline_sha, ref.name, scm.get_ref(str(ref))) for ref in exp_refs(scm)]
         others = [
-            (dvc_repo.scm.resolve_commit(rev).commit_time, name, rev)
-            for base, exps in listed.items()
-            if base != head
-            for name, rev in exps
-            if rev
+            (scm.resolve_commit(rev).commit_time, name, rev)
+            for base, name, rev in listed
+            if base != head and rev
         ]
-    found = {name: rev for name, rev in listed.get(head, []) if rev}
+    found = {name: rev for base, name, rev in listed if base == head and rev}
     if any_baseline:
         for _, name, rev in sorted(others, key=lambda t: -t[0]):
             found.setdefault(name, rev)
