@@ -22,8 +22,12 @@ PARAMS_YAML_DIFFERS = {
     # The schema's defaults are the embedded default run's values (vregion/config.py's module
     # docstring); params.yaml departs from them only here, on purpose:
     "evaluate.samples": (
-        600,  # 100 questions per kind keeps evaluate to minutes on a laptop ...
+        2400,  # 400 questions per kind: the sweep's paired intervals resolve ~2 points ...
         None,  # ... while a real evaluation scores every held-out record
+    ),
+    "data.eval_images": (
+        1200,  # enough held-out images for 400 questions of every kind ...
+        300,  # ... the schema's smaller set keeps a run from bare defaults quick
     ),
     "evaluate.lm_eval.tasks": (
         ["vregion_text_mc"],  # the demo runs the shipped task ...
