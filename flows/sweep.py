@@ -10,11 +10,11 @@ What `run` does (a Prefect flow, `vregion-sweep`; each DVC stage inside is its o
 
 1. `dvc repro probe`: the stages every run shares (base, prepare, align, probe) are built once
    and cached; their results give the layer count and the probe's scorers.
-2. The runs (`vregion/sweep/plan.py`) whose experiment already exists on this commit with the same
-   params are reused; the others are queued (`dvc exp run --queue -n NAME -S ...`) and run
+2. The runs (`vregion/sweep/plan.py`) whose experiment already exists with the same params, on
+   this commit or an older one whose dvc.yaml and stage dependencies are this commit's, are
+   reused; the others are queued (`dvc exp run --queue -n NAME -S ...`) and run
    (`dvc exp run --run-all`). Inside each, DVC restores every stage whose inputs did not change
-   from its cache (the run-cache), so only `region` onwards runs, and a rerun after a new
-   commit restores finished runs instead of training again.
+   from its cache (the run-cache), so only `region` onwards runs.
 3. `results/comparison.md` (+ `comparison.json`, `plots/`): per sweep, visual accuracy,
    retention against all-layer tuning, text skill against the base LLM, s/step and its ratio,
    trainable parameters; retention-vs-layers and pruning charts; the paper's figures beside
@@ -98,10 +98,13 @@ def queue_and_run(repo: str, runs: list[Run], jobs: int) -> None:
     """Queue every run as a DVC experiment, then run the queue (`dvc exp run --run-all`)."""
     logger = get_run_logger()
     path = Path(repo)
-    stale = set(experiments(path)) & {r.name for r in runs}
-    if stale:  # same name, other params: the old result must not be mistaken for this run
-        logger.info("replacing experiments with changed params: %s", sorted(stale))
-        _dvc(path, "exp", "remove", *sorted(stale))
+    # same name, other params, on this commit: DVC refuses a second experiment of that name
+    head = head_commit(path)
+    names = {r.name for r in runs}
+    stale = [e for e in experiments(path) if e.baseline == head and e.name in names]
+    if stale:
+        logger.info("replacing experiments with changed params: %s", [e.name for e in stale])
+        _dvc(path, "exp", "remove", *[e.ref for e in stale])
     _dvc(path, "queue", "remove", "--queued", "--failed")  # leftovers of an interrupted sweep
     for run in runs:
         args = [a for p in run.set_params() for a in ("-S", p)]
@@ -142,9 +145,9 @@ def sweep(
     runs = plan_runs(shape["num_layers"], scorers, sweeps, seeds)
     wanted = {r.name for r in plan_runs(shape["num_layers"], scorers, sweeps, seeds, only)}
     files = metric_files(path)  # dvc.yaml, read once
-    # `run` reuses only this commit's experiments (older ones rerun, their stages mostly from
-    # the DVC run-cache); `report` shows the newest finished run of each, whatever its commit.
-    done = finished(path, runs, base_params, files, any_baseline=not run)
+    # finished runs of this commit, or of an older one with the same pipeline (a commit that
+    # changed only docs, tests or this file); after a change to a stage, every run reruns
+    done = finished(path, runs, base_params, files)
     todo = [r for r in runs if r.name not in done and r.name in wanted]
     print(f"{len(runs)} runs: {len(done)} finished, {len(todo)} to run")
     if run and todo:

@@ -202,9 +202,12 @@ def test_rerun_reuses_every_finished_run(swept):
     again = run(cmd, repo, env, timeout=600)
     assert "3 runs: 3 finished, 0 to run" in again
     assert (repo / "results" / "comparison.json").read_text() == before
-    # after a new commit `report` still finds the finished runs (`run` would redo them,
-    # restoring their stages from the DVC run-cache)
-    run(["git", "commit", "--allow-empty", "-qm", "later"], repo)
+    # a commit that leaves the pipeline alone (a session's notes) keeps every finished run
+    (repo / "NOTES.md").write_text("sweep half done\n")
+    run(["git", "add", "NOTES.md"], repo)
+    run(["git", "commit", "-qm", "later"], repo)
+    again = run(cmd, repo, env, timeout=600)
+    assert "3 runs: 3 finished, 0 to run" in again
     report = [sys.executable, "-m", "flows.sweep", "report", "--repo", str(repo)]
     shown = run([*report, "--sweeps", "sizes", "pruning"], repo, env)
     assert "finished: 3, missing: []" in shown

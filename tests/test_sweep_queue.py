@@ -18,7 +18,8 @@ import yaml
 from pipeline_repo import DVC, init_git_dvc, pipeline_env, run
 
 from flows.sweep import drop_stale_shutdowns
-from vregion.sweep.experiments import committed_metrics, committed_params, experiments
+from vregion.sweep.experiments import committed_metrics, committed_params, experiments, finished
+from vregion.sweep.plan import Run
 
 SQUARE = """import json, yaml
 x = yaml.safe_load(open("params.yaml"))["x"]
@@ -103,10 +104,42 @@ def test_a_stale_queue_stop_does_not_strand_the_next_sweep(tmp_path):
     }
     assert names == {"one": 1, "two": 4, "three": 9}
     # what the sweep's report reads, through DVC's Python API: each experiment's own commit
-    found = experiments(repo)
+    found = {e.name: e.rev for e in experiments(repo)}
     assert set(found) == {"one", "two", "three"}
     for name, x in (("one", 1), ("two", 2), ("three", 3)):
         assert committed_params(repo, found[name]) == {"x": x}
         assert committed_metrics(repo, found[name], "m.json") == {"y": x * x}
     assert committed_metrics(repo, found["one"], "metrics/absent.json") is None
     assert drop_stale_shutdowns(repo) == 0  # nothing left to drop
+
+
+def test_finished_runs_outlive_commits_that_leave_the_pipeline_alone(tmp_path):
+    """A sweep spans sessions, and sessions commit: a run finished on an older commit counts
+    as long as dvc.yaml and every stage dependency are unchanged since, and no longer once a
+    stage's code changed (its numbers would be the old code's)."""
+    repo = init_git_dvc(tmp_path)
+    env = pipeline_env(repo)
+    (repo / "params.yaml").write_text("x: 0\n")
+    (repo / "square.py").write_text(SQUARE)
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(STAGE))
+    run([*DVC, "repro"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "square"], repo, env)
+    run([*DVC, "exp", "run", "-n", "one", "-S", "x=3"], repo, env)
+    run(["git", "reset", "-q", "--hard"], repo, env)  # the workspace back to the commit
+    one = Run("one", {"x": 3}, [])
+
+    def done() -> list[str]:
+        return list(finished(repo, [one], {"x": 0}, {"m": "m.json"}))
+
+    assert done() == ["one"]
+    (repo / "README.md").write_text("notes\n")
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "docs only"], repo, env)
+    assert done() == ["one"]  # the experiment's baseline is the previous commit
+    # the same params asked of other code: the run is not finished on this commit
+    (repo / "square.py").write_text(SQUARE + "# the stage changed\n")
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "stage code"], repo, env)
+    assert done() == []
+    assert experiments(repo) == []

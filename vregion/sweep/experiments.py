@@ -9,8 +9,10 @@ keeps numbers only, and the report needs the lists too (the region, the pruning 
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import dvc.api
 from dvc.exceptions import DvcException
@@ -27,28 +29,60 @@ def head_commit(repo: str | Path) -> str:
         return dvc_repo.scm.get_rev()
 
 
-def experiments(
-    repo: str | Path, any_baseline: bool = False, baseline: str | None = None
-) -> dict[str, str]:
-    """{experiment name: commit} for the experiments of the current commit; with
-    `any_baseline`, of any commit, the current commit's first, then the newest. `baseline`: a
-    commit other than HEAD (the one a running sweep queued its experiments on)."""
+def pipeline_inputs(repo: str | Path) -> list[str]:
+    """dvc.yaml and every path a stage of it depends on (code, params.yaml, data), as DVC
+    resolves them: what must be unchanged for an experiment to stand for this commit's run."""
+    with Repo(str(repo)) as dvc_repo:
+        deps = {dep.def_path for stage in dvc_repo.index.stages for dep in stage.deps}
+    return ["dvc.yaml", *sorted(deps)]
+
+
+def same_pipeline(repo: str | Path, commit: str, head: str, inputs: Sequence[str]) -> bool:
+    """Whether `commit` holds the same `inputs` (`pipeline_inputs`) as `head` in git. Paths
+    git does not track (DVC outputs) are compared through the code and params that make them."""
+    if commit == head:
+        return True
+    diff = subprocess.run(
+        ["git", "diff", "--quiet", commit, head, "--", *inputs], cwd=repo, capture_output=True
+    )
+    if diff.returncode > 1:  # an unknown commit (a shallow clone): not provably the same
+        return False
+    return diff.returncode == 0
+
+
+class Experiment(NamedTuple):
+    name: str
+    rev: str
+    """the experiment's commit (what it committed: params, metrics)"""
+    ref: str
+    """its git ref, which names it to `dvc exp remove` whatever the checked-out commit"""
+    baseline: str
+    """the commit it was queued on"""
+
+
+def experiments(repo: str | Path, baseline: str | None = None) -> list[Experiment]:
+    """The experiments whose baseline commit runs the same pipeline as HEAD (`same_pipeline`),
+    HEAD's own first, then the newest. A commit that touched only the README, tests or the
+    sweep's own code keeps every finished run; one that changed a stage's code or params.yaml
+    starts afresh. `baseline`: a commit other than HEAD (the one a running sweep queued its
+    experiments on)."""
     with Repo(str(repo)) as dvc_repo:
         scm = dvc_repo.scm
         head = baseline or scm.get_rev()
         # the experiments' git refs, read without DVC's repo lock (`experiments.ls` takes it
         # and a running `dvc exp run` holds it), so a report can be written mid-sweep
-        listed = [(ref.baseline_sha, ref.name, scm.get_ref(str(ref))) for ref in exp_refs(scm)]
-        others = [
-            (scm.resolve_commit(rev).commit_time, name, rev)
-            for base, name, rev in listed
-            if base != head and rev
+        listed = [
+            Experiment(ref.name, rev, str(ref), ref.baseline_sha)
+            for ref in exp_refs(scm)
+            if (rev := scm.get_ref(str(ref)))
         ]
-    found = {name: rev for base, name, rev in listed if base == head and rev}
-    if any_baseline:
-        for _, name, rev in sorted(others, key=lambda t: -t[0]):
-            found.setdefault(name, rev)
-    return found
+        times = {e.rev: scm.resolve_commit(e.rev).commit_time for e in listed}
+    inputs = pipeline_inputs(repo)
+    same = {b for b in {e.baseline for e in listed} if same_pipeline(repo, b, head, inputs)}
+    return sorted(
+        (e for e in listed if e.baseline in same),
+        key=lambda e: (e.baseline != head, -times[e.rev]),
+    )
 
 
 def committed_params(repo: str | Path, rev: str) -> dict | None:
@@ -82,19 +116,19 @@ def finished(
     runs: Sequence[Run],
     base_params: dict,
     metric_files: Mapping[str, str],
-    any_baseline: bool = False,
     baseline: str | None = None,
 ) -> dict[str, str]:
     """{run name: experiment commit} for runs whose experiment exists with the run's params
-    and every file of `metric_files` (name -> path, as dvc.yaml names them) the report reads
-    (of this commit, or with `any_baseline` of any)."""
-    done = {}
-    for name, rev in experiments(repo, any_baseline, baseline).items():
-        run = next((r for r in runs if r.name == name), None)
-        if run is None:
+    and every file of `metric_files` (name -> path, as dvc.yaml names them) the report reads,
+    on a commit with this commit's pipeline (`experiments`)."""
+    done: dict[str, str] = {}
+    by_name = {r.name: r for r in runs}
+    for exp in experiments(repo, baseline):
+        run = by_name.get(exp.name)
+        if run is None or exp.name in done:
             continue
-        if committed_params(repo, rev) != expected_params(base_params, run):
+        if committed_params(repo, exp.rev) != expected_params(base_params, run):
             continue
-        if all(committed_metrics(repo, rev, f) for f in metric_files.values()):
-            done[name] = rev
+        if all(committed_metrics(repo, exp.rev, f) for f in metric_files.values()):
+            done[exp.name] = exp.rev
     return done
