@@ -260,6 +260,21 @@ def test_seeds_combine_into_one_row_whose_interval_resamples_them():
     assert one["seeds"] == 3 and one["revs"] == ["r0", "r1", "r2"]
     assert one["accuracy"] == pytest.approx(0.62) and one["accuracy_sd"] == pytest.approx(0.02)
     assert len(one["questions"]) == 3  # one list of answers per seed
+    texts = [
+        {"text_mc_accuracy": 0.7, "text_mc_vs_base": 0.0, "text_nll_vs_base": x}
+        for x in (0.3, 0.1, 0.2)
+    ]
+    nll = combine_seeds([{**r, **t} for r, t in zip(rows, texts, strict=True)])
+    assert nll["text_nll_vs_base"] == pytest.approx(0.2)
+    assert nll["text_nll_vs_base_seeds"] == [0.3, 0.1, 0.2]
+    all_text = row("all layers", 0.72, n, 30, **texts[0], questions=answers([1] * 144 + [0] * 56))
+    text = next(
+        c
+        for c in claims_with_ratios({"strategies": {"all layers": all_text, "uniform": nll}})
+        if c["claim"].startswith("Text skill")
+    )
+    # each seed's figure beside the mean: the spread the mean alone hides
+    assert "NLL vs base +0.2000 (seeds +0.30/+0.10/+0.20) vs +0.3000" in text["ours"]
     assert combine_seeds(rows[:1])["seeds"] == 1
     # against an all-layer run that is right on every question uniform gets right, plus 20:
     # a clear gap whichever seed, so the interval over questions and seeds lies above 0

@@ -139,6 +139,8 @@ def combine_seeds(rows: Sequence[dict]) -> dict:
     ):
         values = [r.get(key) for r in rows]
         out[key] = None if None in values else round(statistics.fmean(values), 4)
+        if key == "text_nll_vs_base" and None not in values:
+            out["text_nll_vs_base_seeds"] = values  # no per-item file: the seeds are its spread
     if all(len(r["prune_curve"]) == len(first["prune_curve"]) for r in rows):
         out["prune_curve"] = [
             {
@@ -313,8 +315,7 @@ def claims(by_label: Mapping[str, Mapping[str, dict]]) -> list[dict]:
                     "paper": "equal or better on MMLU, BBH, C-Eval, CMMLU",
                     "ours": f"text MC accuracy {uniform['text_mc_accuracy']:.3f} vs "
                     f"{base['text_mc_accuracy']:.3f} ({d:+.3f}, s.e. {mc_noise:.3f}); answer "
-                    f"NLL vs base {uniform['text_nll_vs_base']:+.4f} vs "
-                    f"{base['text_nll_vs_base']:+.4f}",
+                    f"NLL vs base {_nll(uniform)} vs {_nll(base)}",
                     # "at least as well": only a clearly worse region-tuned model refutes it
                     "verdict": "holds" if d >= 0 else gap_verdict(d, mc_noise),
                 }
@@ -658,6 +659,17 @@ def comparison_markdown(
             if "pruning" in pictures:
                 parts.append(f"![pruning curves](plots/{pictures['pruning']})")
     return "\n\n".join(parts) + "\n"
+
+
+def _nll(r: dict) -> str:
+    """Answer NLL against the base LLM; with several seeds, the mean and each seed's."""
+    seeds = r.get("text_nll_vs_base_seeds")
+    text = f"{r['text_nll_vs_base']:+.4f}"
+    return (
+        text
+        if not seeds or len(seeds) < 2
+        else f"{text} (seeds {'/'.join(f'{x:+.2f}' for x in seeds)})"
+    )
 
 
 def _retention(r: dict) -> str:
