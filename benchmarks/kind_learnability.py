@@ -70,6 +70,14 @@ def main() -> None:
         processor,
         p.model.system_prompt,
     )
+    held_out_sets = {}
+    for kind in args.eval_kinds or args.train_kinds:
+        held_out = ImageSet.from_parts(
+            of_kinds(resolve_mix(f.eval_data, p.model.seed, args.data), [kind], args.n_eval)
+        )
+        if len(held_out) < 2:  # the blind control moves images between questions
+            raise SystemExit(f"--eval-kinds {kind}: {len(held_out)} held-out question(s), need 2")
+        held_out_sets[kind] = held_out
     start = time.perf_counter()
     tuned, curve = lora_tune(
         model,
@@ -96,10 +104,8 @@ def main() -> None:
         "final_train_loss": curve[-1]["loss"],
         "held_out": {},
     }
-    for kind in args.eval_kinds or args.train_kinds:
-        held_out = ImageSet.from_parts(
-            of_kinds(resolve_mix(f.eval_data, p.model.seed, args.data), [kind], args.n_eval)
-        )
+    for kind in held_out_sets:
+        held_out = held_out_sets[kind]
         table = visual_accuracy(
             tuned,
             processor,
