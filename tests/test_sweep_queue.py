@@ -60,16 +60,21 @@ def _run_all(repo: Path, env: dict, timeout: int = 240) -> None:
         raise AssertionError(f"`dvc exp run --run-all` still waiting after {timeout} s") from err
 
 
-@pytest.mark.slow  # over 30 s on a quiet 2-core machine
-def test_a_stale_queue_stop_does_not_strand_the_next_sweep(tmp_path):
-    repo = init_git_dvc(tmp_path)
-    env = pipeline_env(repo)  # the spawned queue worker runs `dvc` from PATH
+def _commit_square_stage(repo: Path, env: dict) -> None:
+    """The one-line stage (`square.py`, param x=0) built and committed."""
     (repo / "params.yaml").write_text("x: 0\n")
     (repo / "square.py").write_text(SQUARE)
     (repo / "dvc.yaml").write_text(yaml.safe_dump(STAGE))
     run([*DVC, "repro"], repo, env)
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "square"], repo, env)
+
+
+@pytest.mark.slow  # over 30 s on a quiet 2-core machine
+def test_a_stale_queue_stop_does_not_strand_the_next_sweep(tmp_path):
+    repo = init_git_dvc(tmp_path)
+    env = pipeline_env(repo)  # the spawned queue worker runs `dvc` from PATH
+    _commit_square_stage(repo, env)
 
     # a first sweep leaves its worker bound to the broker's broadcast exchange
     run([*DVC, "exp", "run", "--queue", "-n", "one", "-S", "x=1"], repo, env)
@@ -119,12 +124,7 @@ def test_finished_runs_outlive_commits_that_leave_the_pipeline_alone(tmp_path):
     stage's code changed (its numbers would be the old code's)."""
     repo = init_git_dvc(tmp_path)
     env = pipeline_env(repo)
-    (repo / "params.yaml").write_text("x: 0\n")
-    (repo / "square.py").write_text(SQUARE)
-    (repo / "dvc.yaml").write_text(yaml.safe_dump(STAGE))
-    run([*DVC, "repro"], repo, env)
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-qm", "square"], repo, env)
+    _commit_square_stage(repo, env)
     run([*DVC, "exp", "run", "-n", "one", "-S", "x=3"], repo, env)
     run(["git", "reset", "-q", "--hard"], repo, env)  # the workspace back to the commit
     one = Run("one", {"x": 3}, [])
