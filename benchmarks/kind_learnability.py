@@ -71,10 +71,9 @@ def main() -> None:
         p.model.system_prompt,
     )
     held_out_sets = {}
+    eval_parts = resolve_mix(f.eval_data, p.model.seed, args.data)
     for kind in args.eval_kinds or args.train_kinds:
-        held_out = ImageSet.from_parts(
-            of_kinds(resolve_mix(f.eval_data, p.model.seed, args.data), [kind], args.n_eval)
-        )
+        held_out = ImageSet.from_parts(of_kinds(eval_parts, [kind], args.n_eval))
         if len(held_out) < 2:  # the blind control moves images between questions
             raise SystemExit(f"--eval-kinds {kind}: {len(held_out)} held-out question(s), need 2")
         held_out_sets[kind] = held_out
@@ -104,8 +103,7 @@ def main() -> None:
         "final_train_loss": curve[-1]["loss"],
         "held_out": {},
     }
-    for kind in held_out_sets:
-        held_out = held_out_sets[kind]
+    for kind, held_out in held_out_sets.items():
         table = visual_accuracy(
             tuned,
             processor,
