@@ -2,6 +2,8 @@
 
     python benchmarks/kind_learnability.py --train-kinds relation        # ~8 min on 2 cores
     python benchmarks/kind_learnability.py --train-kinds position --steps 150
+    python benchmarks/kind_learnability.py --train-kinds relation --fresh-images 6000
+    python benchmarks/kind_learnability.py --train-kinds relation --match "left of" --fresh-images 10000
 
 The pipeline's all-layer run answers relation questions ("Is the red circle left of the blue
 square?") at chance, though the tower tells each patch where its object's centre lies. Is that
@@ -9,9 +11,15 @@ too few relation questions among 300 mixed steps (about one in nine), or somethi
 not learn from these features at all? This trains LoRA on every LLM layer (plus the projector,
 the finetune stage's settings) of the aligned model on the training questions of `--train-kinds`
 only, then asks `--n-eval` held-out questions of each `--eval-kinds` kind, with the blind control
-(images moved to other questions). Reads models/aligned and data/ (`dvc repro probe` makes
-both). One seed: a diagnostic, not a claim. Writes JSON (default
-benchmarks/results/kind_learnability.json).
+(images moved to other questions). `--fresh-images N` trains instead on the questions of N new
+scenes (every kind a scene supports, none of them in prepare's train or eval split), so the
+training questions repeat less often or not at all: memorising versus learning the kind. Reads
+models/aligned and data/ (`dvc repro probe` makes both). One seed: a diagnostic, not a claim.
+Writes JSON (default benchmarks/results/kind_learnability.json).
+
+The training loss is the mean over the answer's label tokens (for SmolLM2 the word,
+`<|im_end|>` and a newline), of which only the word is in doubt: for a yes/no kind, ln 2 / 3 =
+0.23 is chance, not memorisation.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +36,8 @@ import numpy as np
 import torch
 
 from vregion.config import load_params
-from vregion.data.dataset import Part, RecordDataset, RecordFile, resolve_mix
+from vregion.data import synthetic
+from vregion.data.dataset import Part, RecordDataset, RecordFile, index_records, resolve_mix
 from vregion.data.imageset import ImageSet
 from vregion.devices import pick_device, resolve_precision
 from vregion.eval.visual import visual_accuracy
@@ -35,14 +46,42 @@ from vregion.models.loading import load_lvlm
 from vregion.train.quick_tune import lora_tune
 
 
-def of_kinds(parts: list[Part], kinds: list[str], n: int | None = None) -> list[Part]:
-    """The rows of `parts` whose question kind is one of `kinds` (the first `n` of each part)."""
+def of_kinds(
+    parts: list[Part], kinds: list[str], n: int | None = None, match: str | None = None
+) -> list[Part]:
+    """The rows of `parts` whose question kind is one of `kinds` and whose question contains
+    `match` (when given); the first `n` of each part."""
+
+    def wanted(sample) -> bool:
+        return sample.kind in kinds and (match is None or match in sample.conversations[0]["value"])
+
     out = []
     for part in parts:
         records = RecordFile(part.records)
-        rows = [int(r) for r in part.rows if records[int(r)].kind in kinds][:n]
+        rows = [int(r) for r in part.rows if wanted(records[int(r)])][:n]
         out.append(Part(part.source, part.records, part.image_root, np.asarray(rows, np.int64)))
     return out
+
+
+def fresh_parts(p, data_dir: str, n_images: int, scratch: Path, processor) -> list[Part]:
+    """The questions of `n_images` new scenes drawn like prepare's, avoiding its splits' images."""
+    for split in ("train", "eval"):  # build_split reads the splits to avoid from its out_dir
+        (scratch / split).mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(data_dir) / split / "scenes.jsonl", scratch / split / "scenes.jsonl")
+    counts = synthetic.build_split(
+        scratch,
+        "fresh",
+        n_images,
+        p.data.seed,
+        image_size=p.model.embedded.image_size,
+        max_objects=p.data.max_objects,
+        questions_per_image=len(synthetic.KINDS),  # every kind the scene supports
+        avoid_splits=("train", "eval"),
+    )
+    records = scratch / "fresh" / "vqa.jsonl"
+    index_records(records, scratch, processor, p.model.system_prompt)
+    rows = np.arange(counts["questions"], dtype=np.int64)
+    return [Part("fresh", str(records), str(scratch), rows)]
 
 
 def main() -> None:
@@ -53,6 +92,16 @@ def main() -> None:
     ap.add_argument("--train-kinds", nargs="+", required=True, help="kinds trained on")
     ap.add_argument("--eval-kinds", nargs="+", help="kinds asked (default: --train-kinds)")
     ap.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    ap.add_argument(
+        "--fresh-images",
+        type=int,
+        default=0,
+        help="train on the questions of this many new scenes instead of prepare's train split",
+    )
+    ap.add_argument(
+        "--match",
+        help="only questions whose text contains this, trained and asked (e.g. 'left of')",
+    )
     ap.add_argument("--n-eval", type=int, default=200, help="held-out questions per kind")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     ap.add_argument("--out", default="benchmarks/results/kind_learnability.json")
@@ -65,15 +114,18 @@ def main() -> None:
     precision = resolve_precision(f.precision, device)
     model, processor = load_lvlm(args.aligned, dtype=p.model.dtype)
     model.to(device)
+    scratch = Path(tempfile.mkdtemp(prefix="kind_learnability-"))
+    if args.fresh_images:
+        train_parts = fresh_parts(p, args.data, args.fresh_images, scratch, processor)
+    else:
+        train_parts = resolve_mix(f.data, p.model.seed, args.data)
     train = RecordDataset(
-        of_kinds(resolve_mix(f.data, p.model.seed, args.data), args.train_kinds),
-        processor,
-        p.model.system_prompt,
+        of_kinds(train_parts, args.train_kinds, match=args.match), processor, p.model.system_prompt
     )
     held_out_sets = {}
     eval_parts = resolve_mix(f.eval_data, p.model.seed, args.data)
     for kind in args.eval_kinds or args.train_kinds:
-        held_out = ImageSet.from_parts(of_kinds(eval_parts, [kind], args.n_eval))
+        held_out = ImageSet.from_parts(of_kinds(eval_parts, [kind], args.n_eval, args.match))
         if len(held_out) < 2:  # the blind control moves images between questions
             raise SystemExit(f"--eval-kinds {kind}: {len(held_out)} held-out question(s), need 2")
         held_out_sets[kind] = held_out
@@ -97,6 +149,10 @@ def main() -> None:
     result = {
         "train_kinds": args.train_kinds,
         "train_questions": len(train),
+        "match": args.match,
+        "train_source": f"{args.fresh_images} fresh scenes"
+        if args.fresh_images
+        else "prepare's train split",
         "steps": args.steps,
         "batch_size": f.batch_size,
         "train_seconds": round(time.perf_counter() - start, 1),
@@ -121,6 +177,7 @@ def main() -> None:
             f"blind {row['blind']:.3f})"
         )
     print(f"final training loss {result['final_train_loss']:.3f} after {args.steps} steps")
+    shutil.rmtree(scratch)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
