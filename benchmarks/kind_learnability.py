@@ -63,8 +63,11 @@ def of_kinds(
     return out
 
 
-def fresh_parts(p, data_dir: str, n_images: int, scratch: Path, processor) -> list[Part]:
-    """The questions of `n_images` new scenes drawn like prepare's, avoiding its splits' images."""
+def fresh_parts(
+    p, data_dir: str, n_images: int, scratch: Path, processor
+) -> tuple[list[Part], dict[str, int]]:
+    """The questions of `n_images` new scenes drawn like prepare's, avoiding its splits' images,
+    and how many of each kind they are."""
     for split in ("train", "eval"):  # build_split reads the splits to avoid from its out_dir
         (scratch / split).mkdir(parents=True, exist_ok=True)
         shutil.copy(Path(data_dir) / split / "scenes.jsonl", scratch / split / "scenes.jsonl")
@@ -81,7 +84,7 @@ def fresh_parts(p, data_dir: str, n_images: int, scratch: Path, processor) -> li
     records = scratch / "fresh" / "vqa.jsonl"
     index_records(records, scratch, processor, p.model.system_prompt)
     rows = np.arange(counts["questions"], dtype=np.int64)
-    return [Part("fresh", str(records), str(scratch), rows)]
+    return [Part("fresh", str(records), str(scratch), rows)], counts["per_kind"]
 
 
 def main() -> None:
@@ -114,14 +117,6 @@ def main() -> None:
     precision = resolve_precision(f.precision, device)
     model, processor = load_lvlm(args.aligned, dtype=p.model.dtype)
     model.to(device)
-    scratch = Path(tempfile.mkdtemp(prefix="kind_learnability-"))
-    if args.fresh_images:
-        train_parts = fresh_parts(p, args.data, args.fresh_images, scratch, processor)
-    else:
-        train_parts = resolve_mix(f.data, p.model.seed, args.data)
-    train = RecordDataset(
-        of_kinds(train_parts, args.train_kinds, match=args.match), processor, p.model.system_prompt
-    )
     held_out_sets = {}
     eval_parts = resolve_mix(f.eval_data, p.model.seed, args.data)
     for kind in args.eval_kinds or args.train_kinds:
@@ -129,23 +124,39 @@ def main() -> None:
         if len(held_out) < 2:  # the blind control moves images between questions
             raise SystemExit(f"--eval-kinds {kind}: {len(held_out)} held-out question(s), need 2")
         held_out_sets[kind] = held_out
-    start = time.perf_counter()
-    tuned, curve = lora_tune(
-        model,
-        range(layer_map(model).num_layers),
-        train,
-        lora=dict(lora_r=f.lora_r, lora_alpha=f.lora_alpha, lora_dropout=f.lora_dropout),
-        batch_size=f.batch_size,
-        seed=p.model.seed,
-        workers=0,
-        projector_lr=f.projector_lr,
-        llm_lr=f.llm_lr,
-        steps=args.steps,
-        warmup_ratio=f.warmup_ratio,
-        precision=precision,
-        device=device,
-        desc=f"all-layer tuning on {'+'.join(args.train_kinds)}",
-    )
+    fresh_kinds = None
+    with tempfile.TemporaryDirectory(prefix="kind_learnability-") as scratch:
+        if args.fresh_images:
+            parts, fresh_kinds = fresh_parts(
+                p, args.data, args.fresh_images, Path(scratch), processor
+            )
+        else:
+            parts = resolve_mix(f.data, p.model.seed, args.data)
+        train = RecordDataset(
+            of_kinds(parts, args.train_kinds, match=args.match), processor, p.model.system_prompt
+        )
+        if not len(train):
+            raise SystemExit(
+                f"no training question of kinds {args.train_kinds} (--match {args.match!r})"
+            )
+        start = time.perf_counter()
+        tuned, curve = lora_tune(
+            model,
+            range(layer_map(model).num_layers),
+            train,
+            lora=dict(lora_r=f.lora_r, lora_alpha=f.lora_alpha, lora_dropout=f.lora_dropout),
+            batch_size=f.batch_size,
+            seed=p.model.seed,
+            workers=0,
+            projector_lr=f.projector_lr,
+            llm_lr=f.llm_lr,
+            steps=args.steps,
+            warmup_ratio=f.warmup_ratio,
+            precision=precision,
+            device=device,
+            desc=f"all-layer tuning on {'+'.join(args.train_kinds)}",
+        )
+        train_seconds = round(time.perf_counter() - start, 1)
     result = {
         "train_kinds": args.train_kinds,
         "train_questions": len(train),
@@ -153,9 +164,10 @@ def main() -> None:
         "train_source": f"{args.fresh_images} fresh scenes"
         if args.fresh_images
         else "prepare's train split",
+        "fresh_questions_per_kind": fresh_kinds,
         "steps": args.steps,
         "batch_size": f.batch_size,
-        "train_seconds": round(time.perf_counter() - start, 1),
+        "train_seconds": train_seconds,
         "final_train_loss": curve[-1]["loss"],
         "held_out": {},
     }
@@ -177,7 +189,6 @@ def main() -> None:
             f"blind {row['blind']:.3f})"
         )
     print(f"final training loss {result['final_train_loss']:.3f} after {args.steps} steps")
-    shutil.rmtree(scratch)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -292,9 +292,10 @@ def test_report_shows_the_measured_figures(pipeline_repo):
 
 
 def test_kind_learnability_benchmark_trains_on_one_kind_and_asks_another(pipeline_repo, tmp_path):
-    """`benchmarks/kind_learnability.py` on the built repo: two steps on relation questions
-    alone, then held-out questions of the tiny set's commonest kind (the blind control needs
-    two images; the tiny set has about one relation question), counted against the records."""
+    """`benchmarks/kind_learnability.py` on the built repo: two steps on the relation questions
+    of 30 fresh scenes, then held-out questions of the tiny set's commonest kind (the blind
+    control needs two images; the tiny set has about one relation question), counted against
+    the records."""
     repo, env, _, _ = pipeline_repo
 
     def kinds(split: str) -> list[str]:
@@ -307,9 +308,17 @@ def test_kind_learnability_benchmark_trains_on_one_kind_and_asks_another(pipelin
     args = ["--aligned", str(repo / "models" / "aligned"), "--data", str(repo / "data")]
     args += ["--params", str(repo / "params.yaml"), "--train-kinds", "relation"]
     args += ["--eval-kinds", asked, "--steps", "2", "--n-eval", "4", "--threads", "1"]
-    _run([sys.executable, str(script), *args, "--out", str(out)], repo, env)
+    args += ["--fresh-images", "30"]
+    scratch = tmp_path / "scratch"  # where the fresh scenes go, and are removed from
+    scratch.mkdir()
+    _run(
+        [sys.executable, str(script), *args, "--out", str(out)],
+        repo,
+        {**env, "TMPDIR": str(scratch)},
+    )
     result = json.loads(out.read_text())
-    assert result["train_questions"] == kinds("train").count("relation") > 0
+    assert result["train_questions"] == result["fresh_questions_per_kind"]["relation"] > 0
+    assert not any(scratch.iterdir())
     assert list(result["held_out"]) == [asked] and result["steps"] == 2
     assert result["held_out"][asked]["n"] == min(4, kinds("eval").count(asked))
     assert 0 <= result["held_out"][asked]["accuracy"] <= 1
