@@ -68,6 +68,19 @@ def _checkpoints(settings, run: str) -> list[str]:
     return sorted(o["Key"] for o in found.get("Contents", []) if o["Key"].endswith(STATE_FILE))
 
 
+def _registered(settings, run: str) -> bool:
+    """Whether Ray Train's controller has taken a checkpoint of `run` as its latest (its checkpoint
+    manager writes this snapshot after each): a checkpoint in the bucket but not yet registered
+    is lost with the node, and the restart would begin at step 0."""
+    client = s3_client(settings)
+    found = client.list_objects_v2(Bucket=settings.bucket, Prefix=settings.key("ray", run))
+    for o in found.get("Contents", []):
+        if o["Key"].endswith("checkpoint_manager_snapshot.json"):
+            body = client.get_object(Bucket=settings.bucket, Key=o["Key"])["Body"].read()
+            return json.loads(body).get("latest_checkpoint_result") is not None
+    return False
+
+
 def _weights(result) -> dict[str, torch.Tensor]:
     with result.checkpoint.as_directory() as d:
         return torch.load(Path(d) / STATE_FILE, weights_only=False)["weights"]
@@ -171,12 +184,13 @@ def test_two_nodes_s3_data_and_checkpoints_survive_a_lost_node(
         assert reference.metrics["step"] == job.steps and reference.metrics["world_size"] == 2
         assert _checkpoints(s3_env, "reference") and s3_env.bucket in reference.checkpoint.path
 
-        # 2. The worker node's raylet dies once a checkpoint has landed in S3.
+        # 2. The worker node's raylet dies once a checkpoint has landed in S3 and Ray Train
+        # has registered it.
         killed: dict = {}
 
         def kill_when_checkpointed() -> None:
             deadline = time.monotonic() + 120
-            while not _checkpoints(s3_env, "lost-node") and time.monotonic() < deadline:
+            while not _registered(s3_env, "lost-node") and time.monotonic() < deadline:
                 time.sleep(0.2)
             killed["at"] = len(_checkpoints(s3_env, "lost-node"))
             killed["raylet"] = ray_nodes.kill_raylet(two_nodes)
