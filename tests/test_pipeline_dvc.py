@@ -318,7 +318,7 @@ def test_kind_learnability_benchmark_trains_on_one_kind_and_asks_another(pipelin
     )
     result = json.loads(out.read_text())
     assert result["train_questions"] == result["fresh_questions_per_kind"]["relation"] > 0
-    assert not any(scratch.iterdir())
+    assert not list(scratch.glob("kind_learnability-*"))  # (torch leaves its own cache there)
     assert list(result["held_out"]) == [asked] and result["steps"] == 2
     assert result["held_out"][asked]["n"] == min(4, kinds("eval").count(asked))
     assert 0 <= result["held_out"][asked]["accuracy"] <= 1
