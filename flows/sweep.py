@@ -15,7 +15,11 @@ What `run` does (a Prefect flow, `vregion-sweep`; each DVC stage inside is its o
    reused; the others are queued (`dvc exp run --queue -n NAME -S ...`) and run
    (`dvc exp run --run-all`). Inside each, DVC restores every stage whose inputs did not change
    from its cache (the run-cache), so only `region` onwards runs.
-3. `results/comparison.md` (+ `comparison.json`, `plots/`): per sweep, visual accuracy,
+3. Each finished experiment is copied into a run record, `results/runs/<name>/` (params, metrics
+   files, per-question results; `vregion.sweep.experiments.RunRecord`) as it finishes.
+   Committed, the records carry the finished runs to every clone: a sweep there reruns only
+   what no record holds.
+4. `results/comparison.md` (+ `comparison.json`, `plots/`): per sweep, visual accuracy,
    retention against all-layer tuning, text skill against the base LLM, s/step and its ratio,
    trainable parameters; retention-vs-layers and pruning charts; the paper's figures beside
    ours. Every number is read from the metrics files the experiments committed.
@@ -29,6 +33,7 @@ from flows.pipeline import PipelineError, child_env  # isort: skip
 import argparse  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import yaml  # noqa: E402
@@ -39,10 +44,17 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from flows.commands import run_dvc, stream  # noqa: E402
 from stages import _dvcfile  # noqa: E402
 from vregion.sweep.compare import reference_figures, write_report  # noqa: E402
-from vregion.sweep.experiments import experiments, finished, head_commit  # noqa: E402
+from vregion.sweep.experiments import (  # noqa: E402
+    experiments,
+    finished,
+    head_commit,
+    record_experiments,
+)
 from vregion.sweep.plan import SWEEPS, Run, plan_runs  # noqa: E402
 
 RESULTS = "results"
+RECORDS = f"{RESULTS}/runs"
+RECORD_EVERY_S = 60.0
 COMMAND = "python -m flows.sweep run"
 
 
@@ -145,17 +157,42 @@ def sweep(
     runs = plan_runs(shape["num_layers"], scorers, sweeps, seeds)
     wanted = {r.name for r in plan_runs(shape["num_layers"], scorers, sweeps, seeds, only)}
     files = metric_files(path)  # dvc.yaml, read once
-    # finished runs of this commit, or of an older one with the same pipeline (a commit that
-    # changed only docs, tests or this file); after a change to a stage, every run reruns
-    done = finished(path, runs, base_params, files)
+    questions = paths(path)["questions"]
+
+    def collect(baseline: str | None = None) -> dict:
+        """Record the experiments that finished, then the records that count on this commit:
+        of this commit or an older one with the same pipeline (a commit that changed only
+        docs, tests or this file); after a change to a stage, every run reruns."""
+        for name in record_experiments(
+            path, runs, base_params, files, RECORDS, questions, baseline
+        ):
+            print(f"recorded {name} in {RECORDS}/{name} (commit it to keep it on every clone)")
+        return finished(path, runs, base_params, files, RECORDS, baseline)
+
+    done = collect()
     todo = [r for r in runs if r.name not in done and r.name in wanted]
     print(f"{len(runs)} runs: {len(done)} finished, {len(todo)} to run")
     if run and todo:
         # the experiments are queued on this commit; a commit made while they run must not
         # hide them from the report
         head = head_commit(path)
-        queue_and_run(str(path), todo, jobs)
-        done = finished(path, runs, base_params, files, baseline=head)
+        stop = threading.Event()
+
+        def record_as_they_finish() -> None:
+            while not stop.wait(RECORD_EVERY_S):
+                try:
+                    collect(head)
+                except Exception as err:  # a record is retried at the next tick, and at the end
+                    print(f"recording finished runs failed, will retry: {err}")
+
+        recorder = threading.Thread(target=record_as_they_finish, daemon=True)
+        recorder.start()
+        try:
+            queue_and_run(str(path), todo, jobs)
+        finally:
+            stop.set()
+            recorder.join()
+        done = collect(head)
     report = write_report(
         path,
         runs,
@@ -164,7 +201,7 @@ def sweep(
         COMMAND,
         files,
         RESULTS,
-        questions=paths(path)["questions"],
+        questions=questions,
     )
     create_markdown_artifact(
         markdown=report.read_text(), key="vregion-comparison", description="the sweep's report"

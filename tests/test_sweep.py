@@ -170,23 +170,32 @@ def test_report_numbers_are_the_committed_metrics(swept):
 
 @pytest.mark.slow  # the `swept` fixture runs a real sweep (minutes)
 def test_another_machine_gets_the_finished_runs_and_reruns_none(swept, tmp_path):
-    """`dvc exp push` to a git remote (outputs to a DVC remote), then a fresh clone elsewhere
-    with `dvc pull` and `dvc exp pull`: the sweep there finds every run finished and runs none,
-    and its report decides the claims from the same per-question results."""
-    repo, _, _, _ = swept
+    """The finished runs' records committed and pushed with the branch (the shared stages'
+    outputs to a DVC remote), then a fresh clone elsewhere with `dvc pull` and no experiment
+    refs: the sweep there finds every run finished and runs none, and its report decides the
+    claims from the same per-question results."""
+    repo, env, _, _ = swept
+    records = sorted(p.name for p in (repo / "results" / "runs").iterdir())
+    assert records == ["all-layers", "uniform", "uniform-2"]
+    for name in records:  # verbatim copies of what each experiment committed
+        record = repo / "results" / "runs" / name
+        rev = json.loads((record / "run.json").read_text())["rev"]
+        for path in ("params.yaml", "metrics/eval.json", "metrics/questions/index.json"):
+            assert (record / path).read_text() == run(["git", "show", f"{rev}:{path}"], repo)
     origin, store, clone = tmp_path / "origin.git", tmp_path / "dvc-store", tmp_path / "clone"
     run(["git", "init", "-q", "--bare", str(origin)], tmp_path)
+    run(["git", "add", "results"], repo)
+    run(["git", "commit", "-qm", "the sweep's records and report"], repo)
     run(["git", "push", "-q", str(origin), "HEAD:refs/heads/main"], repo)
     run([*DVC, "remote", "add", "--local", "-d", "store", str(store)], repo)
     run([*DVC, "push", "-q"], repo, timeout=300)  # the shared stages' outputs
-    run([*DVC, "exp", "push", "-A", str(origin)], repo, timeout=300)
     run(["git", "clone", "-q", "-b", "main", str(origin), str(clone)], tmp_path)
     run([*DVC, "remote", "add", "--local", "-d", "store", str(store)], clone)
     own_site_cache(clone)
     run([*DVC, "pull", "-q"], clone, timeout=300)
-    run([*DVC, "exp", "pull", "-A", str(origin)], clone, timeout=300)
     env = pipeline_env(clone)
     env["PYTHONPATH"] = str(ROOT)
+    assert run([*DVC, "exp", "list", "--all-commits", "--name-only"], clone, env).strip() == ""
     sweep = [sys.executable, "-m", "flows.sweep", "run", "--repo", str(clone)]
     again = run([*sweep, "--sweeps", "sizes", "pruning"], clone, env, timeout=600)
     assert "3 runs: 3 finished, 0 to run" in again, again[-3000:]

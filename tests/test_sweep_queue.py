@@ -18,7 +18,13 @@ import yaml
 from pipeline_repo import DVC, init_git_dvc, pipeline_env, run
 
 from flows.sweep import drop_stale_shutdowns
-from vregion.sweep.experiments import committed_metrics, committed_params, experiments, finished
+from vregion.sweep.experiments import (
+    committed_metrics,
+    committed_params,
+    experiments,
+    finished,
+    record_experiments,
+)
 from vregion.sweep.plan import Run
 
 SQUARE = """import json, yaml
@@ -118,25 +124,47 @@ def test_a_stale_queue_stop_does_not_strand_the_next_sweep(tmp_path):
     assert drop_stale_shutdowns(repo) == 0  # nothing left to drop
 
 
-def test_finished_runs_outlive_commits_that_leave_the_pipeline_alone(tmp_path):
-    """A sweep spans sessions, and sessions commit: a run finished on an older commit counts
-    as long as dvc.yaml and every stage dependency are unchanged since, and no longer once a
-    stage's code changed (its numbers would be the old code's)."""
-    repo = init_git_dvc(tmp_path)
+def test_finished_runs_outlive_commits_and_clones_that_leave_the_pipeline_alone(tmp_path):
+    """A sweep spans sessions and machines, and sessions commit: a finished experiment is
+    recorded in results/runs/<name>/, and the record counts on a later commit, and in a clone
+    that never saw the experiment, as long as dvc.yaml and every stage dependency are
+    unchanged since; no longer once a stage's code changed (its numbers would be the old
+    code's)."""
+    (tmp_path / "here").mkdir()
+    repo = init_git_dvc(tmp_path / "here")
     env = pipeline_env(repo)
     _commit_square_stage(repo, env)
     run([*DVC, "exp", "run", "-n", "one", "-S", "x=3"], repo, env)
+    run([*DVC, "exp", "run", "-n", "two", "-S", "x=5"], repo, env)
     run(["git", "reset", "-q", "--hard"], repo, env)  # the workspace back to the commit
-    one = Run("one", {"x": 3}, [])
+    one, two = Run("one", {"x": 3}, []), Run("two", {"x": 4}, [])  # two was run with x=5
+    records = "results/runs"
 
-    def done() -> list[str]:
-        return list(finished(repo, [one], {"x": 0}, {"m": "m.json"}))
+    def done(where: Path = repo) -> list[str]:
+        return list(finished(where, [one, two], {"x": 0}, {"m": "m.json"}, records))
 
-    assert done() == ["one"]
+    assert done() == []  # nothing recorded yet
+    assert record_experiments(repo, [one, two], {"x": 0}, {"m": "m.json"}, records) == ["one"]
+    assert record_experiments(repo, [one, two], {"x": 0}, {"m": "m.json"}, records) == []
+    record = finished(repo, [one], {"x": 0}, {"m": "m.json"}, records)["one"]
+    assert record.params() == {"x": 3} and record.metrics("m.json") == {"y": 9}
+    assert json.loads((repo / records / "one" / "run.json").read_text())["rev"] == record.rev
+    assert not (repo / records / "two").exists()  # other params than the plan's
+    assert not list((repo / records).glob(".*"))  # no half-written record left
+
     (repo / "README.md").write_text("notes\n")
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-qm", "docs only"], repo, env)
+    run(["git", "add", "-A"], repo, env)  # the record with the notes
+    run(["git", "commit", "-qm", "docs and the finished run"], repo, env)
     assert done() == ["one"]  # the experiment's baseline is the previous commit
+    # another machine: a clone with no experiment refs still has the finished run
+    clone = tmp_path / "there"
+    run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    assert experiments(clone) == []
+    assert done(clone) == ["one"]
+    # a record altered by hand to other params is not the run
+    (clone / records / "one" / "params.yaml").write_text("x: 4\n")
+    assert done(clone) == []
+
     # the same params asked of other code: the run is not finished on this commit
     (repo / "square.py").write_text(SQUARE + "# the stage changed\n")
     run(["git", "add", "-A"], repo, env)

@@ -1,9 +1,10 @@
 """The comparison report of a sweep: tables, charts and the paper's figures beside ours.
 
 Input: for each finished run (`vregion.sweep.plan.Run`), the metrics files its experiment
-committed (metrics/eval.json, train.json, region.json). Every number in the report is copied
-from those files or is a ratio of two of them; `comparison.json` keeps the copied values with
-the experiment revision they came from, so they can be checked against the files.
+committed (metrics/eval.json, train.json, region.json), as its record in `results/runs/` holds
+them (`vregion.sweep.experiments.RunRecord`). Every number in the report is copied from those
+files or is a ratio of two of them; `comparison.json` keeps the copied values with the
+experiment revision they came from, so they can be checked against the files.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from vregion.eval.questions import correctness_matrix, paired_scores
 from vregion.eval.stats import Interval, all_hold, mcnemar, paired_bootstrap, verdict
 from vregion.plots import line_chart, save_figure
-from vregion.sweep.experiments import committed_metrics, committed_params, committed_questions
+from vregion.sweep.experiments import RunRecord
 from vregion.sweep.plan import SWEEPS, Run
 
 PAPER_SOURCE = (
@@ -506,7 +507,7 @@ def charts(by_label: Mapping[str, Mapping[str, dict]], out_dir: Path) -> dict[st
 def write_report(
     repo: Path,
     runs: Sequence[Run],
-    done: Mapping[str, str],
+    done: Mapping[str, RunRecord],
     reference: Mapping[str, str],
     command: str,
     metric_files: Mapping[str, str],
@@ -514,19 +515,19 @@ def write_report(
     questions: str | None = None,
 ) -> Path:
     """`results`/comparison.{md,json} and `results`/plots/ in `repo` from the finished runs
-    (`done`: run name -> experiment commit; `metric_files`: name -> path of the metrics files
-    it reads); `command` is how the report says to rerun. `questions`: evaluate's per-question
+    (`done`: run name -> its record; `metric_files`: name -> path of the metrics files it
+    reads); `command` is how the report says to rerun. `questions`: evaluate's per-question
     results folder, for the paired comparisons."""
     rows = {}
     for run in runs:
         if run.name in done:
-            rev = done[run.name]
-            metrics = {k: committed_metrics(repo, rev, f) for k, f in metric_files.items()}
-            params = committed_params(repo, rev) or {}
+            record = done[run.name]
+            metrics = {k: record.metrics(f) for k, f in metric_files.items()}
+            params = record.params() or {}
             curve_n = params.get("evaluate", {}).get("curve_samples")
-            rows[run.name] = run_row(run.name, run.name, metrics, rev, curve_n)
+            rows[run.name] = run_row(run.name, run.name, metrics, record.rev, curve_n)
             if questions:
-                rows[run.name].update(run_questions(repo, rev, params, questions, rows[run.name]))
+                rows[run.name].update(run_questions(record, params, questions, rows[run.name]))
     add_ratios(list(rows.values()), rows.get("all-layers"))  # each run on its own
     # a run and its repeats with other training seeds (`<run>-s<k>`): one row, means and spread
     seeds: dict[str, list[dict]] = {}
@@ -567,16 +568,16 @@ def write_report(
     return out / "comparison.md"
 
 
-def run_questions(repo: Path, rev: str, params: Mapping, folder: str, row: Mapping) -> dict:
+def run_questions(record: RunRecord, params: Mapping, folder: str, row: Mapping) -> dict:
     """The tuned model's answer to each question of its first held-out set, and to the curve's
-    questions at its first and last point, as experiment `rev` committed them: one list of
-    rows per seed (one seed per experiment), None where the experiment has none."""
+    questions at its first and last point, as the run's record holds them: one list of rows
+    per seed (one seed per experiment), None where the experiment wrote none."""
     entry = (params.get("evaluate", {}).get("data") or [None])[0]
     source = entry if isinstance(entry, str) else (entry or {}).get("source")
-    tuned = source and committed_questions(repo, rev, f"{folder}/models/tuned/{source}.jsonl")
+    tuned = source and record.questions(f"{folder}/models/tuned/{source}.jsonl")
     curve = row["prune_curve"]
     ends = [
-        committed_questions(repo, rev, f"{folder}/prune_curve/{c['layers_removed']}.jsonl")
+        record.questions(f"{folder}/prune_curve/{c['layers_removed']}.jsonl")
         for c in ([curve[0], curve[-1]] if len(curve) >= 2 else [])
     ]
     return {
@@ -622,9 +623,9 @@ def comparison_markdown(
     }
     parts = [
         "# vregion: the paper's comparisons on the embedded default",
-        f"Reproduce: `{command}` (each run is a DVC experiment: `dvc exp show`). Every figure "
-        "is copied from the metrics files the runs committed (`comparison.json` names the "
-        "experiment revision of each); ± is the binomial standard error of the accuracy. "
+        f"Reproduce: `{command}` (each run is a DVC experiment: `dvc exp show`; its files are "
+        "kept in `results/runs/<run>/`). Every figure is copied from the metrics files the runs "
+        "committed (`comparison.json` names the experiment revision of each); ± is the binomial standard error of the accuracy. "
         "Every run answers the same held-out questions, so each claim is decided on the paired "
         "difference (or retention ratio) with a 95% paired bootstrap interval over questions "
         'and seeds: "holds" or "fails" when the interval lies on one side, "not resolved" when '

@@ -1,20 +1,27 @@
-"""A sweep's finished DVC experiments and what they committed, read through DVC's Python API.
+"""A sweep's finished runs: DVC experiments, and the records of them the sweep keeps in git.
 
 Experiments are listed from their git refs (`dvc.repo.experiments.utils.exp_refs`, what
 `dvc exp list --all-commits` reads), their params
 with `dvc.api.params_show` and their metrics files with `dvc.api.read`: `dvc.api.metrics_show`
 keeps numbers only, and the report needs the lists too (the region, the pruning curve).
+
+Experiment refs live in one clone until `dvc exp push`, so each finished experiment is also
+copied, verbatim, into a run record (`results/runs/<name>/`, `RunRecord`): committed with the
+report, it carries the run to every clone of the branch, and the sweep there reruns only what
+no record holds.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import dvc.api
+import yaml
 from dvc.exceptions import DvcException
 from dvc.repo import Repo
 from dvc.repo.experiments.utils import exp_refs
@@ -95,20 +102,93 @@ def committed_params(repo: str | Path, rev: str) -> dict | None:
 
 def committed_metrics(repo: str | Path, rev: str, path: str) -> dict | None:
     """A metrics JSON file as experiment commit `rev` holds it, or None if it has none."""
+    text = _read(repo, rev, path)
+    return json.loads(text) if text is not None else None
+
+
+def _read(repo: str | Path, rev: str, path: str) -> str | None:
     try:
-        return json.loads(dvc.api.read(path, repo=str(repo), rev=rev))
+        return dvc.api.read(path, repo=str(repo), rev=rev)
     except (DvcException, FileNotFoundError):
         return None
 
 
-def committed_questions(repo: str | Path, rev: str, path: str) -> list[dict] | None:
-    """Per-question results (`vregion.eval.questions`) as experiment commit `rev` holds them,
-    or None if it has none (experiments made before evaluate wrote them)."""
-    try:
-        text = dvc.api.read(path, repo=str(repo), rev=rev)
-    except (DvcException, FileNotFoundError):
-        return None
-    return parse_question_results(text, f"{rev[:8]}:{path}")
+RECORD = "run.json"
+
+
+class RunRecord(NamedTuple):
+    """A finished run as the sweep keeps it in git: a folder holding what its experiment
+    committed (params.yaml, the metrics files the report reads, the per-question results, at
+    their paths in the repo) and `run.json` naming the experiment's commit and baseline."""
+
+    name: str
+    rev: str
+    """the experiment's commit (it may exist only where the run was made)"""
+    baseline: str
+    """the commit the experiment was queued on (on the branch, so every clone has it)"""
+    path: Path
+
+    def read(self, file: str) -> str | None:
+        target = self.path / file
+        return target.read_text() if target.is_file() else None
+
+    def params(self) -> dict | None:
+        text = self.read("params.yaml")
+        return yaml.safe_load(text) if text is not None else None
+
+    def metrics(self, file: str) -> dict | None:
+        text = self.read(file)
+        return json.loads(text) if text is not None else None
+
+    def questions(self, file: str) -> list[dict] | None:
+        text = self.read(file)
+        return parse_question_results(text, str(self.path / file)) if text is not None else None
+
+
+def record_experiments(
+    repo: str | Path,
+    runs: Sequence[Run],
+    base_params: dict,
+    metric_files: Mapping[str, str],
+    records: str | Path,
+    questions: str | None = None,
+    baseline: str | None = None,
+) -> list[str]:
+    """Copy each finished experiment of `runs` (its params are the run's, it has every file of
+    `metric_files`, its baseline runs this commit's pipeline: `experiments`) that no valid
+    record holds yet into `records`/<name>/, with `questions`/index.json and the files it
+    lists. A record is written whole or not at all. Returns the names recorded now."""
+    records = Path(repo) / records
+    have = finished(repo, runs, base_params, metric_files, records, baseline)
+    by_name = {r.name: r for r in runs}
+    written: list[str] = []
+    for exp in experiments(repo, baseline):
+        run = by_name.get(exp.name)
+        if run is None or exp.name in have or exp.name in written:
+            continue
+        if committed_params(repo, exp.rev) != expected_params(base_params, run):
+            continue
+        files = {f: _read(repo, exp.rev, f) for f in ["params.yaml", *metric_files.values()]}
+        if not all(files.values()):
+            continue
+        index = questions and _read(repo, exp.rev, f"{questions}/index.json")
+        if index:
+            files[f"{questions}/index.json"] = index
+            for name in json.loads(index)["files"]:
+                text = _read(repo, exp.rev, f"{questions}/{name}")
+                if text is not None:
+                    files[f"{questions}/{name}"] = text
+        meta = {"name": exp.name, "rev": exp.rev, "baseline": exp.baseline}
+        files[RECORD] = json.dumps(meta, indent=2) + "\n"
+        staging = records / f".{exp.name}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        for file, text in files.items():
+            (staging / file).parent.mkdir(parents=True, exist_ok=True)
+            (staging / file).write_text(text)
+        shutil.rmtree(records / exp.name, ignore_errors=True)  # a stale record of this name
+        staging.rename(records / exp.name)
+        written.append(exp.name)
+    return written
 
 
 def finished(
@@ -116,19 +196,29 @@ def finished(
     runs: Sequence[Run],
     base_params: dict,
     metric_files: Mapping[str, str],
+    records: str | Path,
     baseline: str | None = None,
-) -> dict[str, str]:
-    """{run name: experiment commit} for runs whose experiment exists with the run's params
-    and every file of `metric_files` (name -> path, as dvc.yaml names them) the report reads,
-    on a commit with this commit's pipeline (`experiments`)."""
-    done: dict[str, str] = {}
+) -> dict[str, RunRecord]:
+    """{run name: record} for the records in `records` of `runs` that count on this commit:
+    the run's params, every file of `metric_files`, and a baseline whose pipeline is HEAD's
+    (or `baseline`'s: `same_pipeline`). A record made by other code or params does not count,
+    and the run is made again."""
+    folder = Path(repo) / records
     by_name = {r.name: r for r in runs}
-    for exp in experiments(repo, baseline):
-        run = by_name.get(exp.name)
-        if run is None or exp.name in done:
+    head = baseline or head_commit(repo)
+    inputs: list[str] | None = None
+    done: dict[str, RunRecord] = {}
+    for meta_file in sorted(folder.glob(f"*/{RECORD}")):
+        meta = json.loads(meta_file.read_text())
+        run = by_name.get(meta.get("name"))
+        if run is None or meta_file.parent.name != run.name:
             continue
-        if committed_params(repo, exp.rev) != expected_params(base_params, run):
+        record = RunRecord(run.name, meta["rev"], meta["baseline"], meta_file.parent)
+        if record.params() != expected_params(base_params, run):
             continue
-        if all(committed_metrics(repo, exp.rev, f) for f in metric_files.values()):
-            done[exp.name] = exp.rev
+        if not all(record.read(f) is not None for f in metric_files.values()):
+            continue
+        inputs = inputs if inputs is not None else pipeline_inputs(repo)
+        if same_pipeline(repo, record.baseline, head, inputs):
+            done[run.name] = record
     return done
