@@ -49,10 +49,13 @@ from vregion.sweep.experiments import (  # noqa: E402
     finished,
     head_commit,
     record_experiments,
+    stages_upto,
 )
 from vregion.sweep.plan import SWEEPS, Run, plan_runs  # noqa: E402
 
 RESULTS = "results"
+SHARED = "probe"
+"""the last stage every run shares: it and the stages before it are built once, before the runs"""
 RECORDS = f"{RESULTS}/runs"
 RECORD_EVERY_S = 60.0
 COMMAND = "python -m flows.sweep run"
@@ -80,7 +83,7 @@ def _dvc(repo: Path, *args: str, timeout: float = 600) -> str:
 def shared_stages(repo: str) -> dict:
     """`dvc repro probe` (base, prepare, align, probe), then the probe's layer count and scorers."""
     logger = get_run_logger()
-    cmd = [sys.executable, "-m", "dvc", "repro", "probe"]
+    cmd = [sys.executable, "-m", "dvc", "repro", SHARED]
     code, tail = stream(cmd, repo, child_env(), logger)
     if code != 0:
         raise PipelineError(f"`dvc repro probe` failed ({code}); last lines:\n{tail}")
@@ -158,16 +161,18 @@ def sweep(
     wanted = {r.name for r in plan_runs(shape["num_layers"], scorers, sweeps, seeds, only)}
     files = metric_files(path)  # dvc.yaml, read once
     questions = paths(path)["questions"]
+    shared = stages_upto(path, SHARED)
 
     def collect(baseline: str | None = None) -> dict:
         """Record the experiments that finished, then the records that count on this commit:
         of this commit or an older one with the same pipeline (a commit that changed only
-        docs, tests or this file); after a change to a stage, every run reruns."""
+        docs, tests or this file), made from the shared stages' outputs this workspace has;
+        after a change to a stage, or shared stages rebuilt elsewhere, every run reruns."""
         for name in record_experiments(
-            path, runs, base_params, files, RECORDS, questions, baseline
+            path, runs, base_params, files, RECORDS, questions, baseline, shared
         ):
             print(f"recorded {name} in {RECORDS}/{name} (commit it to keep it on every clone)")
-        return finished(path, runs, base_params, files, RECORDS, baseline)
+        return finished(path, runs, base_params, files, RECORDS, baseline, shared)
 
     done = collect()
     todo = [r for r in runs if r.name not in done and r.name in wanted]

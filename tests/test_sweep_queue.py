@@ -140,8 +140,8 @@ def test_finished_runs_outlive_commits_and_clones_that_leave_the_pipeline_alone(
     one, two = Run("one", {"x": 3}, []), Run("two", {"x": 4}, [])  # two was run with x=5
     records = "results/runs"
 
-    def done(where: Path = repo) -> list[str]:
-        return list(finished(where, [one, two], {"x": 0}, {"m": "m.json"}, records))
+    def done(where: Path = repo, shared: tuple[str, ...] = ()) -> list[str]:
+        return list(finished(where, [one, two], {"x": 0}, {"m": "m.json"}, records, None, shared))
 
     assert done() == []  # nothing recorded yet
     assert record_experiments(repo, [one, two], {"x": 0}, {"m": "m.json"}, records) == ["one"]
@@ -160,6 +160,16 @@ def test_finished_runs_outlive_commits_and_clones_that_leave_the_pipeline_alone(
     clone = tmp_path / "there"
     run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
     assert experiments(clone) == []
+    assert done(clone) == ["one"]
+    # the runs are compared with each other, so a record counts only where the shared stages'
+    # outputs are the ones it was made from (a clone that rebuilt them on another CPU has
+    # other hashes in dvc.lock)
+    made_from = (clone / records / "one" / "dvc.lock").read_text()
+    (clone / "dvc.lock").write_text(made_from)
+    assert done(clone, shared=("square",)) == ["one"]
+    md5 = yaml.safe_load(made_from)["stages"]["square"]["outs"][0]["md5"]
+    (clone / "dvc.lock").write_text(made_from.replace(md5, "f" * 32))
+    assert done(clone, shared=("square",)) == []
     assert done(clone) == ["one"]
     # a record altered by hand to other params is not the run
     (clone / records / "one" / "params.yaml").write_text("x: 4\n")

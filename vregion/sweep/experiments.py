@@ -36,6 +36,20 @@ def head_commit(repo: str | Path) -> str:
         return dvc_repo.scm.get_rev()
 
 
+def stages_upto(repo: str | Path, target: str) -> list[str]:
+    """The names of stage `target` and of every stage it depends on, as dvc.yaml chains them."""
+    with Repo(str(repo)) as dvc_repo:
+        return sorted(s.name for s in dvc_repo.stage.collect(target, with_deps=True))
+
+
+def locked_outputs(lock_text: str | None, stages: Sequence[str]) -> dict[str, str] | None:
+    """{output path: hash} of `stages` in a dvc.lock's text; None without a lock or a stage."""
+    locked = (yaml.safe_load(lock_text) or {}).get("stages", {}) if lock_text else {}
+    if any(name not in locked for name in stages):
+        return None
+    return {o["path"]: o.get("md5") for name in stages for o in locked[name].get("outs", [])}
+
+
 def pipeline_inputs(repo: str | Path) -> list[str]:
     """dvc.yaml and every path a stage of it depends on (code, params.yaml, data), as DVC
     resolves them: what must be unchanged for an experiment to stand for this commit's run."""
@@ -153,13 +167,15 @@ def record_experiments(
     records: str | Path,
     questions: str | None = None,
     baseline: str | None = None,
+    shared: Sequence[str] = (),
 ) -> list[str]:
     """Copy each finished experiment of `runs` (its params are the run's, it has every file of
     `metric_files`, its baseline runs this commit's pipeline: `experiments`) that no valid
-    record holds yet into `records`/<name>/, with `questions`/index.json and the files it
-    lists. A record is written whole or not at all. Returns the names recorded now."""
+    record holds yet (`finished`) into `records`/<name>/: params.yaml, dvc.lock, those files,
+    and `questions`/index.json with the files it lists. A record is written whole or not at
+    all. Returns the names recorded now."""
     records = Path(repo) / records
-    have = finished(repo, runs, base_params, metric_files, records, baseline)
+    have = finished(repo, runs, base_params, metric_files, records, baseline, shared)
     by_name = {r.name: r for r in runs}
     written: list[str] = []
     for exp in experiments(repo, baseline):
@@ -168,7 +184,8 @@ def record_experiments(
             continue
         if committed_params(repo, exp.rev) != expected_params(base_params, run):
             continue
-        files = {f: _read(repo, exp.rev, f) for f in ["params.yaml", *metric_files.values()]}
+        names = ["params.yaml", "dvc.lock", *metric_files.values()]
+        files = {f: _read(repo, exp.rev, f) for f in names}
         if not all(files.values()):
             continue
         index = questions and _read(repo, exp.rev, f"{questions}/index.json")
@@ -198,15 +215,20 @@ def finished(
     metric_files: Mapping[str, str],
     records: str | Path,
     baseline: str | None = None,
+    shared: Sequence[str] = (),
 ) -> dict[str, RunRecord]:
     """{run name: record} for the records in `records` of `runs` that count on this commit:
-    the run's params, every file of `metric_files`, and a baseline whose pipeline is HEAD's
-    (or `baseline`'s: `same_pipeline`). A record made by other code or params does not count,
-    and the run is made again."""
+    the run's params, every file of `metric_files`, a baseline whose pipeline is HEAD's (or
+    `baseline`'s: `same_pipeline`), and the `shared` stages' outputs of this workspace's
+    dvc.lock (the runs are compared with each other, so they must tune the same aligned
+    model: one rebuilt on another CPU is not the same, `README` Determinism). A record made by
+    other code, params or shared outputs does not count, and the run is made again."""
     folder = Path(repo) / records
     by_name = {r.name: r for r in runs}
     head = baseline or head_commit(repo)
     inputs: list[str] | None = None
+    lock = Path(repo) / "dvc.lock"
+    ours = locked_outputs(lock.read_text() if lock.is_file() else None, shared)
     done: dict[str, RunRecord] = {}
     for meta_file in sorted(folder.glob(f"*/{RECORD}")):
         meta = json.loads(meta_file.read_text())
@@ -217,6 +239,8 @@ def finished(
         if record.params() != expected_params(base_params, run):
             continue
         if not all(record.read(f) is not None for f in metric_files.values()):
+            continue
+        if shared and (ours is None or locked_outputs(record.read("dvc.lock"), shared) != ours):
             continue
         inputs = inputs if inputs is not None else pipeline_inputs(repo)
         if same_pipeline(repo, record.baseline, head, inputs):
