@@ -171,6 +171,12 @@ def test_finished_runs_outlive_commits_and_clones_that_leave_the_pipeline_alone(
     (clone / "dvc.lock").write_text(made_from.replace(md5, "f" * 32))
     assert done(clone, shared=("square",)) == []
     assert done(clone) == ["one"]
+    # a damaged record is not the run (it is made again), and stops nothing
+    meta = clone / records / "one" / "run.json"
+    good = meta.read_text()
+    meta.write_text(good[: len(good) // 2])
+    assert done(clone) == []
+    meta.write_text(good)
     # a record altered by hand to other params is not the run
     (clone / records / "one" / "params.yaml").write_text("x: 4\n")
     assert done(clone) == []

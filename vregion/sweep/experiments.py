@@ -14,6 +14,7 @@ no record holds.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -28,6 +29,8 @@ from dvc.repo.experiments.utils import exp_refs
 
 from vregion.eval.questions import parse_question_results
 from vregion.sweep.plan import Run, expected_params
+
+log = logging.getLogger(__name__)
 
 
 def head_commit(repo: str | Path) -> str:
@@ -231,12 +234,22 @@ def finished(
     ours = locked_outputs(lock.read_text() if lock.is_file() else None, shared)
     done: dict[str, RunRecord] = {}
     for meta_file in sorted(folder.glob(f"*/{RECORD}")):
-        meta = json.loads(meta_file.read_text())
-        run = by_name.get(meta.get("name"))
-        if run is None or meta_file.parent.name != run.name:
+        if meta_file.parent.name not in by_name:
             continue
-        record = RunRecord(run.name, meta["rev"], meta["baseline"], meta_file.parent)
-        if record.params() != expected_params(base_params, run):
+        run = by_name[meta_file.parent.name]
+        try:
+            meta = json.loads(meta_file.read_text())
+            record = RunRecord(run.name, meta["rev"], meta["baseline"], meta_file.parent)
+            params = record.params()
+        except (ValueError, KeyError, TypeError, yaml.YAMLError) as err:
+            log.warning(
+                "%s: unreadable run record (%s); %s will be made again",
+                meta_file.parent,
+                err,
+                run.name,
+            )
+            continue
+        if meta.get("name") != run.name or params != expected_params(base_params, run):
             continue
         if not all(record.read(f) is not None for f in metric_files.values()):
             continue
