@@ -249,7 +249,9 @@ def test_known_answers_are_found(tokenizer):
     assert right["mc_accuracy_by_family"] == {"x": 1.0, "y": 1.0}
     # Every scored token of the ppl answer is favoured: NLL = log(m + (V - m) e^-boost).
     expected = math.log(len(answers) + (vocab - len(answers)) * math.exp(-12.0))
-    assert right["answer_nll"] == pytest.approx(expected, rel=1e-4)
+    # fp32 softmax over 49,152 logits: the CPU's vector kernels set the rounding (2e-4 on an
+    # AVX2-only CPU); a token scored that is not favoured would add about 12 nats
+    assert right["answer_nll"] == pytest.approx(expected, abs=2e-3)
     assert right["ppl_items"] == 1
 
     wrong = score_text_skill(FavouringLM(vocab, distractors | {end}), tokenizer, KNOWN, SYSTEM)
