@@ -185,12 +185,15 @@ def record_experiments(
         run = by_name.get(exp.name)
         if run is None or exp.name in have or exp.name in written:
             continue
-        if committed_params(repo, exp.rev) != expected_params(base_params, run):
+        # judged by the same parse `finished` applies to the copy, so a record once written
+        # counts (a different parse could rewrite it at every tick)
+        params = _read(repo, exp.rev, "params.yaml")
+        if params is None or yaml.safe_load(params) != expected_params(base_params, run):
             continue
-        names = ["params.yaml", "dvc.lock", *metric_files.values()]
-        files = {f: _read(repo, exp.rev, f) for f in names}
+        files = {f: _read(repo, exp.rev, f) for f in ["dvc.lock", *metric_files.values()]}
         if not all(files.values()):
             continue
+        files["params.yaml"] = params
         index = questions and _read(repo, exp.rev, f"{questions}/index.json")
         if index:
             files[f"{questions}/index.json"] = index
