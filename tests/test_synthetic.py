@@ -208,12 +208,12 @@ def _check_answer(scene: Scene, kind: str, question: str, answer: str) -> None:
                 break
         a, b = by_name[a_name], by_name[b_name]
         (ax, ay), (bx, by) = a.center, b.center
-        clear = 0.15 * scene.image_size
-        truth = {
-            "left of": bx - ax >= clear,
-            "right of": ax - bx >= clear,
-            "above": by - ay >= clear,
-            "below": ay - by >= clear,
+        lo, hi = half - 0.15 * scene.image_size, half + 0.15 * scene.image_size
+        truth = {  # places only across the middle, each object clearly in its half
+            "left of": ax <= lo and bx >= hi,
+            "right of": bx <= lo and ax >= hi,
+            "above": ay <= lo and by >= hi,
+            "below": by <= lo and ay >= hi,
             "bigger than": a.size == "large" and b.size == "small",
             "smaller than": a.size == "small" and b.size == "large",
         }
