@@ -179,13 +179,6 @@ def test_captions_are_short_and_name_every_object():
     assert caption(generate_scenes(3, seed=5)[0]) == caption(generate_scenes(3, seed=5)[0])
 
 
-RELATIONS = {
-    "left or right of": ("left", "right"),
-    "above or below": ("above", "below"),
-    "bigger or smaller than": ("bigger", "smaller"),
-}
-
-
 def _check_answer(scene: Scene, kind: str, question: str, answer: str) -> None:
     """An independent reading of the question against the scene."""
     objs = scene.objects
@@ -209,19 +202,25 @@ def _check_answer(scene: Scene, kind: str, question: str, answer: str) -> None:
         assert (answer == margin) == (value < half)
     elif kind == "relation":
         body = question.removeprefix("Is the ").removesuffix("?")
-        relation = next(r for r in RELATIONS if f" {r} the " in body)
-        a_name, b_name = body.split(f" {relation} the ")
-        words = RELATIONS[relation]
+        for rel in ("left of", "right of", "above", "below", "bigger than", "smaller than"):
+            if f" {rel} the " in body:
+                a_name, b_name = body.split(f" {rel} the ")
+                break
         a, b = by_name[a_name], by_name[b_name]
-        lo, hi = half - 0.15 * scene.image_size, half + 0.15 * scene.image_size
-        axis = {"left or right of": 0, "above or below": 1}.get(relation)
-        if axis is None:  # sizes: the two differ
-            first = {"large": words[0], "small": words[1]}
-            assert a.size != b.size and answer == first[a.size]
-        else:  # places: across the middle, each object clearly in its half
-            pa, pb = a.center[axis], b.center[axis]
-            assert (pa <= lo and pb >= hi) or (pb <= lo and pa >= hi)
-            assert answer == (words[0] if pa < pb else words[1])
+        (ax, ay), (bx, by) = a.center, b.center
+        clear = 0.15 * scene.image_size
+        truth = {
+            "left of": bx - ax >= clear,
+            "right of": ax - bx >= clear,
+            "above": by - ay >= clear,
+            "below": ay - by >= clear,
+            "bigger than": a.size == "large" and b.size == "small",
+            "smaller than": a.size == "small" and b.size == "large",
+        }
+        converse = {"left of": "right of", "above": "below", "bigger than": "smaller than"}
+        converse.update({v: k for k, v in converse.items()})
+        assert truth[rel] or truth[converse[rel]], "relation must be clear one way or the other"
+        assert answer == ("yes" if truth[rel] else "no")
     elif kind == "size":
         name = question.removeprefix("Is the ").removesuffix(" small or large?")
         assert by_name[name].size == answer

@@ -7,7 +7,7 @@ evaluation), and per-patch class labels (to pretrain a vision tower without the 
 Each question has a finite answer set (`choices`), so accuracy has a chance level, and answers
 are balanced so that the question text alone predicts the answer no better than chance: the
 answer is chosen first (the least used so far among those the scene supports, see
-`AnswerBalancer`), then a question with that answer; relations are asked both ways round.
+`AnswerBalancer`), then a question with that answer; yes/no relations come in swapped pairs.
 The same seed gives byte-identical PNGs; nothing uses global random state.
 """
 
@@ -407,34 +407,32 @@ def _position_questions(scene: Scene) -> list[Question]:
 
 
 def _relation_questions(scene: Scene) -> list[Question]:
-    # "Is the a left or right of the b?": asked both ways round ("left" for a, "right" for b),
-    # so neither the names' order nor the words hint at the answer. Places are related only
-    # across the middle, each object clearly in its half (as position questions ask), so either
-    # object's own place decides it. Yes/no relations ("Is the a left of the b?", the relation
-    # word and the answer swapped in pairs) and relations between any two objects clearly apart
-    # both stayed at chance for the 135M LLM after 300 steps, even with relation alone.
-    half, clear = scene.image_size / 2, _CLEAR * scene.image_size
+    # Each clear relation between a and b yields two "yes" questions ("a left of b", "b right
+    # of a") and their two swapped "no" twins, so no relation word hints at the answer.
+    clear = _CLEAR * scene.image_size
     out = []
     for a in scene.objects:
         for b in scene.objects:
             (ax, ay), (bx, by) = a.center, b.center
-            if ax <= half - clear and bx >= half + clear:
-                out += _relation_pair(a, b, "left or right of", ("left", "right"))
-            if ay <= half - clear and by >= half + clear:
-                out += _relation_pair(a, b, "above or below", ("above", "below"))
+            pairs = []  # (relation that holds for a to b, its converse)
+            if bx - ax >= clear:
+                pairs.append(("left of", "right of"))
+            if by - ay >= clear:
+                pairs.append(("above", "below"))
             if a.size == "large" and b.size == "small":
-                out += _relation_pair(a, b, "bigger or smaller than", ("bigger", "smaller"))
+                pairs.append(("bigger than", "smaller than"))
+            for rel, converse in pairs:
+                out += [
+                    _relation(a, rel, b, "yes"),
+                    _relation(b, converse, a, "yes"),
+                    _relation(b, rel, a, "no"),
+                    _relation(a, converse, b, "no"),
+                ]
     return out
 
 
-def _relation_pair(
-    a: SceneObject, b: SceneObject, relation: str, words: tuple[str, str]
-) -> list[Question]:
-    """The relation asked of a (answer `words[0]`) and of b (`words[1]`)."""
-    return [
-        Question("relation", f"Is the {x.name} {relation} the {y.name}?", answer, list(words))
-        for x, y, answer in ((a, b, words[0]), (b, a, words[1]))
-    ]
+def _relation(a: SceneObject, rel: str, b: SceneObject, answer: str) -> Question:
+    return Question("relation", f"Is the {a.name} {rel} the {b.name}?", answer, ["yes", "no"])
 
 
 def _size_questions(scene: Scene) -> list[Question]:
