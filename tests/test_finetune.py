@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,6 +117,9 @@ def test_lora_adapter_loads_with_plain_peft(ray_runtime, tiny_embedded_dir, vqa,
     assert torch.allclose(a, b, atol=1e-5)
     config = json.loads((tmp_path / "tuned" / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 4
+    base = config["base_model_name_or_path"]  # relative: two clones write the same adapter
+    assert not Path(base).is_absolute() and Path(base).resolve() == Path(job.aligned).resolve()
+    assert f"base_model: {base}" in (tmp_path / "tuned" / "adapter" / "README.md").read_text()
 
 
 @pytest.mark.slow  # over a minute on 2 cores

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import statistics
 import tempfile
 from pathlib import Path
@@ -332,6 +333,12 @@ def export_tuned(job: FinetuneJob, checkpoint_dir: str | Path, out_dir: str | Pa
     model.load_state_dict(saved["weights"], strict=False)
     out_dir = Path(out_dir)
     if job.config.mode == "lora":
+        # PEFT writes the base's path into adapter_config.json and the model card: name it as
+        # the stage is given it (relative to the working directory, the repo for `dvc repro`),
+        # not by this clone's absolute path, so two clones write the same adapter.
+        base = os.path.relpath(job.aligned)
+        model.peft_config["default"].base_model_name_or_path = base
+        model.get_base_model().config._name_or_path = base
         model.save_pretrained(out_dir / "adapter")
         model = model.merge_and_unload()
     model.requires_grad_(False)
