@@ -119,7 +119,9 @@ def test_lora_adapter_loads_with_plain_peft(ray_runtime, tiny_embedded_dir, vqa,
     assert config["r"] == 4
     base = config["base_model_name_or_path"]  # relative: two clones write the same adapter
     assert not Path(base).is_absolute() and Path(base).resolve() == Path(job.aligned).resolve()
-    assert f"base_model: {base}" in (tmp_path / "tuned" / "adapter" / "README.md").read_text()
+    card = (tmp_path / "tuned" / "adapter" / "README.md").read_text()
+    assert f"base_model: {base}" in card and f"base_model:adapter:{base}" in card
+    assert str(Path(job.aligned).resolve()) not in card.replace(base, "")  # nor elsewhere
 
 
 @pytest.mark.slow  # over a minute on 2 cores

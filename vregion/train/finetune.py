@@ -338,7 +338,8 @@ def export_tuned(job: FinetuneJob, checkpoint_dir: str | Path, out_dir: str | Pa
         # not by this clone's absolute path, so two clones write the same adapter.
         base = os.path.relpath(job.aligned)
         model.peft_config["default"].base_model_name_or_path = base
-        model.get_base_model().config._name_or_path = base
+        inner = model.get_base_model()  # the card reads both of its names
+        inner.config._name_or_path = inner.name_or_path = base
         model.save_pretrained(out_dir / "adapter")
         model = model.merge_and_unload()
     model.requires_grad_(False)
