@@ -351,3 +351,33 @@ def test_a_claim_s_runs_can_go_first():
         ValueError, match="no run named unifrom in these sweeps; valid: all-layers, uniform, "
     ):
         plan_runs(30, [], only=["unifrom"])
+
+
+def test_time_claim_holds_only_if_every_seed_pairing_is_faster():
+    """Step times move ~20% between runs: a mean ratio below 1 is not enough when one
+    uniform seed ran slower than one all-layer seed."""
+
+    def timed(label: str, size: int, times: list[float]) -> dict:
+        seeds = [
+            row(label, 0.6, 600, size, seconds_per_step=t, rev=f"r{i}", blind=0.4)
+            for i, t in enumerate(times)
+        ]
+        return combine_seeds(seeds)
+
+    def claim(uniform_times: list[float], all_times: list[float]) -> dict:
+        rows = {
+            "strategies": {
+                "all layers": timed("all layers", 30, all_times),
+                "uniform": timed("uniform", 8, uniform_times),
+            }
+        }
+        add_ratios(list(rows["strategies"].values()), rows["strategies"]["all layers"])
+        return next(c for c in claims(rows) if c["claim"].startswith("Region tuning takes"))
+
+    fast = claim([0.94, 1.03, 1.0], [1.96, 1.61, 1.8])
+    assert fast["verdict"] == "holds" and "every seed pairing 0.48–0.64×" in fast["ours"]
+    overlap = claim([0.9, 1.3], [1.0, 1.4])
+    assert overlap["ours"].startswith("0.92× s/step") and overlap["verdict"] == "not resolved"
+    assert claim([1.5, 1.6], [1.0, 1.2])["verdict"] == "does not hold"
+    single = claim([0.7], [1.0])
+    assert single["verdict"] == "holds" and "one run each" in single["ours"]
